@@ -1,0 +1,1 @@
+//! The twinvm VMM.
