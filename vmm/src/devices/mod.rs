@@ -1,0 +1,14 @@
+//! The user-space device model: every device that can raise an interrupt lives here, in the
+//! VMM, so that the VMM alone decides when the guest sees it (DESIGN.md, Determinism 2).
+//!
+//! Devices sit on the port I/O bus ([`bus::PioBus`]) as [`bus::BusDevice`]s. Interrupt lines
+//! from devices go to the 8259 pair ([`pic::PicPair`]), which the vCPU loop asks for a vector
+//! at every delivery point.
+
+pub mod bus;
+pub mod cmos;
+pub mod pic;
+pub mod pit;
+pub mod serial;
+
+pub use bus::{BusDevice, PioBus};
