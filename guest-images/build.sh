@@ -1,0 +1,176 @@
+#!/bin/bash
+# Build the twinvm guest image from Debian packages only:
+#   vmlinux          the guest kernel (uncompressed ELF, booted directly)
+#   initramfs.cpio   an uncompressed newc initramfs (static busybox + our programs)
+#   cmdline          the default kernel command line (guest-images/cmdline)
+# Outputs are cached by the hash of every input in
+#   ${TWINVM_CACHE:-$HOME/.cache/twinvm}/guest/<hash>/
+# and guest-images/out is made a symlink to that directory. The last line on
+# stdout is that directory; progress goes to stderr. See guest-images/README.md.
+set -euo pipefail
+shopt -s nullglob
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${TWINVM_CACHE:-$HOME/.cache/twinvm}
+KSRC_PKG=linux-source-6.12
+KSRC_TAR=/usr/src/linux-source-6.12.tar.xz
+BUSYBOX=/bin/busybox                     # from busybox-static
+
+log() { echo "guest-images/build.sh: $*" >&2; }
+die() { echo "guest-images/build.sh: error: $*" >&2; exit 1; }
+
+# --- 1. dependencies: one clear line naming what to install ----------------
+missing=()
+for pkg in "$KSRC_PKG" busybox-static flex bison libelf-dev bc cpio xz-utils \
+           gcc make libc6-dev patch; do
+    st=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+    [[ $st == installed ]] || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    die "missing packages; install them with: apt-get install -y ${missing[*]}  (or run scripts/install-deps as root)"
+fi
+[[ -f $KSRC_TAR ]] || die "$KSRC_TAR not found; reinstall it with: apt-get install --reinstall -y $KSRC_PKG"
+[[ -x $BUSYBOX ]] || die "$BUSYBOX not found; reinstall it with: apt-get install --reinstall -y busybox-static"
+
+kver=$(dpkg-query -W -f='${Version}' "$KSRC_PKG")
+bbver=$(dpkg-query -W -f='${Version}' busybox-static)
+
+# --- 2. the input hash ------------------------------------------------------
+# Each input file contributes its path (relative to guest-images), its mode and
+# the sha256 of its content, so renames and chmod +x change the hash too.
+hash_files() {
+    local f
+    for f in "$@"; do
+        printf '%s %s %s\n' "${f#"$HERE"/}" "$(stat -c %a "$f")" \
+            "$(sha256sum <"$f" | cut -d' ' -f1)"
+    done
+}
+mapfile -t patches < <(find "$HERE/kernel/patches" -maxdepth 1 -type f -name '*.patch' | LC_ALL=C sort)
+mapfile -t inputs < <(find "$HERE/kernel/config-fragment" "$HERE/cmdline" "$HERE/build.sh" \
+                           "$HERE/initramfs" "$HERE/programs" -type f | LC_ALL=C sort)
+src_hash=$( { echo "$KSRC_PKG $kver"; hash_files "${patches[@]}"; } | sha256sum | cut -c1-16)
+hash=$( { echo "$KSRC_PKG $kver"; echo "busybox-static $bbver"; hash_files "${patches[@]}" "${inputs[@]}"; } \
+        | sha256sum | cut -c1-16)
+
+OUT=$CACHE/guest/$hash
+link_out() {
+    ln -sfn "$OUT" "$HERE/out"
+    log "done: $OUT"
+    echo "$OUT"
+}
+if [[ -f $OUT/.complete ]]; then
+    log "cached (inputs hash $hash)"
+    link_out
+    exit 0
+fi
+mkdir -p "$CACHE/guest"
+
+# --- 3. kernel source tree: extracted + patched once per (version, patches) --
+# The tree doubles as the build directory, so a config change rebuilds only
+# what it affects. A lock serialises builds that share the tree.
+KSRC=$CACHE/kernel-src-$src_hash
+exec 9>"$KSRC.lock"
+flock 9
+if [[ ! -f $KSRC/.twinvm-prepared ]]; then
+    rm -rf "$KSRC" "$KSRC.tmp"
+    mkdir -p "$KSRC.tmp"
+    log "extracting $KSRC_TAR ($KSRC_PKG $kver) into $KSRC"
+    tar -xf "$KSRC_TAR" -C "$KSRC.tmp" --strip-components=1
+    for p in "${patches[@]}"; do
+        log "applying ${p#"$HERE"/}"
+        patch -p1 -N -s -d "$KSRC.tmp" <"$p" >&2 || die "patch ${p#"$HERE"/} does not apply to $KSRC_PKG $kver"
+    done
+    touch "$KSRC.tmp/.twinvm-prepared"
+    mv "$KSRC.tmp" "$KSRC"
+fi
+
+# --- 4. kernel config: tinyconfig + our fragment, then verified ------------
+FRAG=$HERE/kernel/config-fragment
+log "configuring: make tinyconfig + kernel/config-fragment"
+make -C "$KSRC" -s tinyconfig >&2
+"$KSRC/scripts/kconfig/merge_config.sh" -m -O "$KSRC" "$KSRC/.config" "$FRAG" >/dev/null
+make -C "$KSRC" -s olddefconfig >&2
+
+bad=0
+while IFS= read -r line; do
+    if [[ $line =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]]; then
+        sym=${BASH_REMATCH[1]}
+        if ! grep -qxF -- "$line" "$KSRC/.config"; then
+            got=$(grep -E "^$sym=|^# $sym is not set" "$KSRC/.config" || echo "absent")
+            log "config: fragment wants '$line', final .config has '$got'"
+            bad=1
+        fi
+    elif [[ $line =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
+        sym=${BASH_REMATCH[1]}
+        if got=$(grep -E "^$sym=" "$KSRC/.config"); then
+            log "config: fragment wants '$sym' unset, final .config has '$got'"
+            bad=1
+        fi
+    fi
+done <"$FRAG"
+((bad == 0)) || die "the final kernel .config does not honour kernel/config-fragment (see above): a dependency is missing or the option no longer exists"
+log "config verified: every option of kernel/config-fragment is in .config"
+
+# --- 5. kernel build ----------------------------------------------------------
+log "building vmlinux with make -j$(nproc) in $KSRC (a full build takes minutes)"
+make -C "$KSRC" -j"$(nproc)" vmlinux >&2 || die "kernel build failed (see the make output above)"
+
+# --- 6. initramfs ---------------------------------------------------------------
+TMP=$(mktemp -d "$CACHE/guest/$hash.tmp.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
+ROOT=$TMP/root
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc,usr/share/twinvm/run}
+chmod 1777 "$ROOT/tmp"
+chmod 700 "$ROOT/root"
+cp -a "$HERE/initramfs/." "$ROOT/"
+
+log "compiling in-guest programs (gcc -static -O2)"
+for c in "$HERE"/programs/*.c; do
+    name=twinvm-$(basename "$c" .c)
+    gcc -static -O2 -Wall -Wextra -o "$ROOT/usr/bin/$name" "$c" || die "compiling programs/$(basename "$c") failed"
+    strip "$ROOT/usr/bin/$name"
+done
+
+cp "$BUSYBOX" "$ROOT/bin/busybox"
+n=0
+while IFS= read -r applet; do
+    [[ -e $ROOT/$applet || -L $ROOT/$applet ]] && continue
+    ln -s /bin/busybox "$ROOT/$applet"
+    n=$((n + 1))
+done < <("$BUSYBOX" --list-full)
+log "busybox-static $bbver with $n applet links"
+
+# The list for the kernel's own gen_init_cpio: no root needed for device
+# nodes, owner root, every mtime 0 (so the archive is reproducible).
+gcc -O2 -o "$TMP/gen_init_cpio" "$KSRC/usr/gen_init_cpio.c"
+{
+    echo "nod /dev/console 0600 0 0 c 5 1"
+    echo "nod /dev/null 0666 0 0 c 1 3"
+    (cd "$ROOT" && find . -mindepth 1 | LC_ALL=C sort) | while IFS= read -r p; do
+        name=${p#.}
+        if [[ -L $ROOT$name ]]; then
+            echo "slink $name $(readlink "$ROOT$name") 0777 0 0"
+        elif [[ -d $ROOT$name ]]; then
+            echo "dir $name $(stat -c %a "$ROOT$name") 0 0"
+        else
+            echo "file $name $ROOT$name $(stat -c %a "$ROOT$name") 0 0"
+        fi
+    done
+} >"$TMP/cpio.list"
+"$TMP/gen_init_cpio" -t 0 "$TMP/cpio.list" >"$TMP/initramfs.cpio"
+listing=$(cpio -it --quiet <"$TMP/initramfs.cpio")
+grep -qxE '/?init' <<<"$listing" || die "initramfs.cpio has no /init"
+
+# --- 7. outputs ------------------------------------------------------------------
+cp "$KSRC/vmlinux" "$TMP/vmlinux"
+cp "$KSRC/.config" "$TMP/config"
+cp "$KSRC/System.map" "$TMP/System.map"
+tr -s ' \n' ' ' <"$HERE/cmdline" | sed 's/ $//' >"$TMP/cmdline"
+echo >>"$TMP/cmdline"
+rm -rf "$ROOT" "$TMP/gen_init_cpio" "$TMP/cpio.list"
+touch "$TMP/.complete"
+rm -rf "$OUT"
+mv "$TMP" "$OUT"
+trap - EXIT
+log "vmlinux $(stat -c %s "$OUT/vmlinux") bytes, initramfs.cpio $(stat -c %s "$OUT/initramfs.cpio") bytes"
+link_out
