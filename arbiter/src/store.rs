@@ -1,0 +1,616 @@
+//! Durable arbiter state: an in-memory map of VM entries, rebuilt at start from an
+//! append-only log of checksummed records. Every decision is written to the log and
+//! fsync'd before it is answered (group commit: concurrent decisions share one fsync).
+//!
+//! # On-disk format
+//!
+//! `<data-dir>/arbiter.log` starts with the 8-byte magic [`LOG_MAGIC`], then records:
+//! `[len: u32 LE][crc32(payload): u32 LE][payload: len bytes of JSON]`. A payload is
+//! either `{"op":"put","entry":{..}}` (the new state of one VM) or
+//! `{"op":"clear","vm":..,"retired_generation":..}`.
+//!
+//! At start the log is replayed. Records are acknowledged only after their fsync and
+//! fsyncs are sequential, so after a crash only an unacknowledged suffix can be damaged:
+//! a torn last record (short, or failing its checksum) is dropped (its bytes are kept in
+//! `arbiter.log.torn-*` for inspection). Damage followed by a valid record is not a torn
+//! write, and the store refuses to open rather than forget acknowledged decisions.
+//! The log is then compacted: the state is written to `arbiter.log.tmp`, fsync'd, renamed
+//! over `arbiter.log` and the directory fsync'd. `arbiter.lock` (flock) keeps a second
+//! arbiter off the same directory.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::protocol::{ClaimResponse, Entry, ListResponse, Outcome, RePairResponse, Tombstone};
+
+/// Name of the log file inside the data directory.
+pub const LOG_FILE: &str = "arbiter.log";
+/// Name of the lock file inside the data directory.
+pub const LOCK_FILE: &str = "arbiter.lock";
+/// First bytes of every log file.
+pub const LOG_MAGIC: &[u8; 8] = b"TWINARB1";
+/// Largest record payload accepted when replaying the log.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// Size of a record's header (length and checksum).
+pub const RECORD_HEADER_BYTES: usize = 8;
+
+/// Errors of the store: I/O and log problems, and decisions the store refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the data directory's lock.
+    #[error("data directory {0} is in use by another arbiter (lock held on {LOCK_FILE})")]
+    Locked(PathBuf),
+    /// The log is damaged in a way a crash cannot explain; the store will not guess.
+    #[error("log {path} is damaged: {reason}")]
+    Corrupt {
+        /// The log file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An earlier write or fsync failed; the store refuses every request until restarted.
+    #[error(
+        "the store could not make a decision durable and stopped deciding; restart the arbiter"
+    )]
+    Poisoned,
+    /// The VM id is not known.
+    #[error("unknown VM {0:?}")]
+    UnknownVm(String),
+    /// The generation asked for is newer than the VM's current one.
+    #[error("generation {asked} of VM {vm:?} is not open (current generation is {current})")]
+    FutureGeneration {
+        /// VM id.
+        vm: String,
+        /// Generation asked for.
+        asked: u64,
+        /// The VM's current generation.
+        current: u64,
+    },
+    /// `re-pair` by a claimant that does not hold the current generation.
+    #[error(
+        "{claimant:?} does not hold generation {generation} of VM {vm:?} (holder: {holder:?})"
+    )]
+    NotHolder {
+        /// VM id.
+        vm: String,
+        /// Who asked.
+        claimant: String,
+        /// The current generation.
+        generation: u64,
+        /// Its holder, if any.
+        holder: Option<String>,
+    },
+    /// `re-pair` from a generation that is no longer current (and not a retry).
+    #[error("generation {asked} of VM {vm:?} is stale (current generation is {current})")]
+    StaleGeneration {
+        /// VM id.
+        vm: String,
+        /// Generation asked for.
+        asked: u64,
+        /// The VM's current generation.
+        current: u64,
+    },
+    /// The generation counter would overflow.
+    #[error("generation {0} is the last one; it cannot be re-paired")]
+    GenerationExhausted(u64),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// One log record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Record {
+    /// The new state of a VM.
+    Put { entry: Entry },
+    /// A VM removed by an operator; its generations up to `retired_generation` are retired.
+    Clear { vm: String, retired_generation: u64 },
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct State {
+    vms: BTreeMap<String, Entry>,
+    cleared: BTreeMap<String, u64>,
+}
+
+impl State {
+    fn apply(&mut self, record: Record) {
+        match record {
+            Record::Put { entry } => {
+                self.cleared.remove(&entry.vm);
+                self.vms.insert(entry.vm.clone(), entry);
+            }
+            Record::Clear {
+                vm,
+                retired_generation,
+            } => {
+                self.vms.remove(&vm);
+                let retired = self.cleared.entry(vm).or_insert(0);
+                *retired = (*retired).max(retired_generation);
+            }
+        }
+    }
+
+    fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        let clears = self.cleared.iter().map(|(vm, g)| Record::Clear {
+            vm: vm.clone(),
+            retired_generation: *g,
+        });
+        let puts = self.vms.values().map(|e| Record::Put { entry: e.clone() });
+        clears.chain(puts)
+    }
+}
+
+fn encode(record: &Record, out: &mut Vec<u8>) {
+    let payload = serde_json::to_vec(record).expect("records always serialize");
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+}
+
+/// A record frame that parsed and passed its checksum, or why not.
+enum Frame<'a> {
+    Valid { payload: &'a [u8], next: usize },
+    Invalid { next: Option<usize> },
+}
+
+fn frame_at(bytes: &[u8], pos: usize) -> Frame<'_> {
+    let rest = &bytes[pos..];
+    if rest.len() < RECORD_HEADER_BYTES {
+        return Frame::Invalid { next: None };
+    }
+    let len = u32::from_le_bytes(rest[0..4].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(rest[4..8].try_into().unwrap());
+    if len > MAX_RECORD_BYTES || rest.len() < RECORD_HEADER_BYTES + len {
+        return Frame::Invalid { next: None };
+    }
+    let payload = &rest[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + len];
+    let next = pos + RECORD_HEADER_BYTES + len;
+    if crc32fast::hash(payload) != crc {
+        return Frame::Invalid { next: Some(next) };
+    }
+    Frame::Valid { payload, next }
+}
+
+/// What replaying the log found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Valid records replayed.
+    pub records: u64,
+    /// Bytes of a torn tail that were dropped (never acknowledged).
+    pub torn_bytes: u64,
+    /// Where the dropped bytes were saved, if any.
+    pub torn_saved_to: Option<PathBuf>,
+}
+
+struct Replay {
+    state: State,
+    records: u64,
+    valid_len: usize,
+}
+
+fn replay(path: &Path, bytes: &[u8]) -> Result<Replay, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    if bytes.len() < LOG_MAGIC.len() || &bytes[..LOG_MAGIC.len()] != LOG_MAGIC {
+        return Err(corrupt(
+            "it does not start with the arbiter log magic".into(),
+        ));
+    }
+    let mut state = State::default();
+    let mut records = 0;
+    let mut pos = LOG_MAGIC.len();
+    while pos < bytes.len() {
+        match frame_at(bytes, pos) {
+            Frame::Valid { payload, next } => {
+                let record: Record = serde_json::from_slice(payload).map_err(|e| {
+                    corrupt(format!(
+                        "record at byte {pos} has a valid checksum but: {e}"
+                    ))
+                })?;
+                state.apply(record);
+                records += 1;
+                pos = next;
+            }
+            Frame::Invalid { next } => {
+                if let Some(next) = next {
+                    if next < bytes.len() && matches!(frame_at(bytes, next), Frame::Valid { .. }) {
+                        return Err(corrupt(format!(
+                            "record at byte {pos} fails its checksum but is followed by a \
+                             valid record; this is not a torn write, refusing to drop \
+                             acknowledged decisions"
+                        )));
+                    }
+                }
+                break;
+            }
+        }
+    }
+    Ok(Replay {
+        state,
+        records,
+        valid_len: pos,
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(format!("fsync of directory {}", dir.display())))
+}
+
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+    let path = dir.join(name);
+    let mut f = File::create(&path).map_err(io_err(format!("create {}", path.display())))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(format!("write {}", path.display())))?;
+    Ok(path)
+}
+
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(format!("open {}", path.display())))?;
+    // SAFETY: flock takes a file descriptor and flags and touches no memory of ours;
+    // `file` keeps the descriptor open for the whole call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(StoreError::Locked(dir.to_owned()));
+        }
+        return Err(io_err(format!("flock {}", path.display()))(e));
+    }
+    Ok(file)
+}
+
+struct Inner {
+    state: State,
+    /// Encoded records decided but not yet written.
+    pending: Vec<u8>,
+    /// Number of records decided so far (in this process).
+    appended: u64,
+    poisoned: bool,
+}
+
+struct Syncer {
+    file: File,
+    /// Number of records written and fsync'd so far (in this process).
+    durable: u64,
+}
+
+/// The durable store. All methods block (file I/O, fsync); call them from a blocking
+/// context. Decisions are serialized by a mutex, so two claims can never both win.
+pub struct Store {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+    syncer: Mutex<Syncer>,
+    recovery: Recovery,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: locks it, replays and compacts the log.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let lock = lock_dir(dir)?;
+        let path = dir.join(LOG_FILE);
+        let mut recovery = Recovery::default();
+        let state = match fs::read(&path) {
+            Ok(bytes) => {
+                let r = replay(&path, &bytes)?;
+                recovery.records = r.records;
+                if r.valid_len < bytes.len() {
+                    let torn = &bytes[r.valid_len..];
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0);
+                    let saved = write_durably(dir, &format!("{LOG_FILE}.torn-{nanos}"), torn)?;
+                    warn!(
+                        bytes = torn.len(),
+                        offset = r.valid_len,
+                        saved = %saved.display(),
+                        "dropped a torn, never acknowledged record at the end of the log"
+                    );
+                    recovery.torn_bytes = torn.len() as u64;
+                    recovery.torn_saved_to = Some(saved);
+                }
+                r.state
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+        };
+        // Compact: the state alone, atomically replacing the log.
+        let mut snapshot = LOG_MAGIC.to_vec();
+        for record in state.records() {
+            encode(&record, &mut snapshot);
+        }
+        let tmp = write_durably(dir, &format!("{LOG_FILE}.tmp"), &snapshot)?;
+        fs::rename(&tmp, &path).map_err(io_err(format!("rename {}", tmp.display())))?;
+        sync_dir(dir)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(format!("open {}", path.display())))?;
+        info!(
+            dir = %dir.display(),
+            vms = state.vms.len(),
+            cleared = state.cleared.len(),
+            records = recovery.records,
+            "store opened"
+        );
+        Ok(Store {
+            dir: dir.to_owned(),
+            inner: Mutex::new(Inner {
+                state,
+                pending: Vec::new(),
+                appended: 0,
+                poisoned: false,
+            }),
+            syncer: Mutex::new(Syncer { file, durable: 0 }),
+            recovery,
+            _lock: lock,
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What was found when the log was replayed.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    fn lock_inner(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        let inner = self.inner.lock().map_err(|_| StoreError::Poisoned)?;
+        if inner.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        Ok(inner)
+    }
+
+    /// Runs `decide` on the state under the decision lock; applies and logs the record it
+    /// returns; then waits until everything decided so far (which the answer may reveal)
+    /// is durable.
+    fn decide<T>(
+        &self,
+        decide: impl FnOnce(&State) -> Result<(T, Option<Record>), StoreError>,
+    ) -> Result<T, StoreError> {
+        let (answer, seq) = {
+            let mut inner = self.lock_inner()?;
+            let (answer, record) = decide(&inner.state)?;
+            if let Some(record) = record {
+                encode(&record, &mut inner.pending);
+                inner.state.apply(record);
+                inner.appended += 1;
+            }
+            (answer, inner.appended)
+        };
+        self.sync_to(seq)?;
+        Ok(answer)
+    }
+
+    /// Makes the first `seq` records durable. Whoever holds the sync lock writes every
+    /// pending record in one go, so waiters queued behind it usually find their work done.
+    fn sync_to(&self, seq: u64) -> Result<(), StoreError> {
+        let mut syncer = self.syncer.lock().map_err(|_| StoreError::Poisoned)?;
+        if syncer.durable >= seq {
+            return Ok(());
+        }
+        let (buf, upto) = {
+            let mut inner = self.lock_inner()?;
+            (std::mem::take(&mut inner.pending), inner.appended)
+        };
+        let result = syncer
+            .file
+            .write_all(&buf)
+            .and_then(|_| syncer.file.sync_data());
+        match result {
+            Ok(()) => {
+                syncer.durable = upto;
+                Ok(())
+            }
+            Err(e) => {
+                error!(error = %e, "log write failed; the store stops deciding");
+                if let Ok(mut inner) = self.inner.lock() {
+                    inner.poisoned = true;
+                }
+                Err(io_err(format!(
+                    "append to {}",
+                    self.dir.join(LOG_FILE).display()
+                ))(e))
+            }
+        }
+    }
+
+    /// Test-and-set: `claimant` asks to hold `generation` of `vm`.
+    ///
+    /// * unknown VM: created at `generation` with `claimant` as holder (`won`), unless an
+    ///   operator cleared it and `generation` is not above the retired one (`stale`);
+    /// * `generation` current, no holder: `claimant` becomes the holder (`won`);
+    /// * `generation` current, held: `won` if `claimant` is the holder, else `lost`;
+    /// * `generation` older than current: `stale`;
+    /// * `generation` newer than current: [`StoreError::FutureGeneration`].
+    pub fn test_and_set(
+        &self,
+        vm: &str,
+        claimant: &str,
+        generation: u64,
+    ) -> Result<ClaimResponse, StoreError> {
+        let answer = |outcome, generation, holder: Option<&String>| ClaimResponse {
+            outcome,
+            vm: vm.to_owned(),
+            generation,
+            holder: holder.cloned(),
+        };
+        let claim = || Entry {
+            vm: vm.to_owned(),
+            generation,
+            holder: Some(claimant.to_owned()),
+            opened_by: None,
+        };
+        self.decide(|state| match state.vms.get(vm) {
+            None => match state.cleared.get(vm) {
+                Some(&retired) if generation <= retired => {
+                    Ok((answer(Outcome::Stale, retired, None), None))
+                }
+                _ => Ok((
+                    answer(Outcome::Won, generation, Some(&claimant.to_owned())),
+                    Some(Record::Put { entry: claim() }),
+                )),
+            },
+            Some(e) if generation < e.generation => Ok((
+                answer(Outcome::Stale, e.generation, e.holder.as_ref()),
+                None,
+            )),
+            Some(e) if generation > e.generation => Err(StoreError::FutureGeneration {
+                vm: vm.to_owned(),
+                asked: generation,
+                current: e.generation,
+            }),
+            Some(e) => match &e.holder {
+                None => {
+                    let entry = Entry {
+                        holder: Some(claimant.to_owned()),
+                        ..e.clone()
+                    };
+                    Ok((
+                        answer(Outcome::Won, generation, entry.holder.as_ref()),
+                        Some(Record::Put { entry }),
+                    ))
+                }
+                Some(h) if h == claimant => Ok((answer(Outcome::Won, generation, Some(h)), None)),
+                Some(h) => Ok((answer(Outcome::Lost, generation, Some(h)), None)),
+            },
+        })
+    }
+
+    /// Re-pair: the holder of the current generation `generation` of `vm` opens
+    /// `generation + 1`, with no holder yet. Asking again (same claimant, same
+    /// `generation`) after it succeeded answers the same new generation.
+    pub fn re_pair(
+        &self,
+        vm: &str,
+        claimant: &str,
+        generation: u64,
+    ) -> Result<RePairResponse, StoreError> {
+        self.decide(|state| {
+            let Some(e) = state.vms.get(vm) else {
+                return Err(StoreError::UnknownVm(vm.to_owned()));
+            };
+            let answer = |generation| RePairResponse {
+                vm: vm.to_owned(),
+                generation,
+            };
+            if generation == e.generation {
+                if e.holder.as_deref() != Some(claimant) {
+                    return Err(StoreError::NotHolder {
+                        vm: vm.to_owned(),
+                        claimant: claimant.to_owned(),
+                        generation,
+                        holder: e.holder.clone(),
+                    });
+                }
+                let next = generation
+                    .checked_add(1)
+                    .ok_or(StoreError::GenerationExhausted(generation))?;
+                let entry = Entry {
+                    vm: vm.to_owned(),
+                    generation: next,
+                    holder: None,
+                    opened_by: Some(claimant.to_owned()),
+                };
+                Ok((answer(next), Some(Record::Put { entry })))
+            } else if generation < e.generation {
+                if generation + 1 == e.generation && e.opened_by.as_deref() == Some(claimant) {
+                    Ok((answer(e.generation), None))
+                } else {
+                    Err(StoreError::StaleGeneration {
+                        vm: vm.to_owned(),
+                        asked: generation,
+                        current: e.generation,
+                    })
+                }
+            } else {
+                Err(StoreError::FutureGeneration {
+                    vm: vm.to_owned(),
+                    asked: generation,
+                    current: e.generation,
+                })
+            }
+        })
+    }
+
+    /// The entry of `vm`, if known.
+    pub fn get(&self, vm: &str) -> Result<Option<Entry>, StoreError> {
+        self.decide(|state| Ok((state.vms.get(vm).cloned(), None)))
+    }
+
+    /// Every entry and every tombstone, sorted by VM id.
+    pub fn list(&self) -> Result<ListResponse, StoreError> {
+        self.decide(|state| {
+            let vms = state.vms.values().cloned().collect();
+            let cleared = state
+                .cleared
+                .iter()
+                .map(|(vm, g)| Tombstone {
+                    vm: vm.clone(),
+                    retired_generation: *g,
+                })
+                .collect();
+            Ok((ListResponse { vms, cleared }, None))
+        })
+    }
+
+    /// Operator clear: removes `vm`, retiring its generations (see [`Tombstone`]).
+    /// Returns the removed entry, or `None` if the VM was not known.
+    pub fn clear(&self, vm: &str) -> Result<Option<Entry>, StoreError> {
+        self.decide(|state| match state.vms.get(vm) {
+            None => Ok((None, None)),
+            Some(e) => Ok((
+                Some(e.clone()),
+                Some(Record::Clear {
+                    vm: vm.to_owned(),
+                    retired_generation: e.generation,
+                }),
+            )),
+        })
+    }
+}
