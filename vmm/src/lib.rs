@@ -4,3 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod devices;
+pub mod boot;
+pub mod memory;
+pub mod vstate;
+pub mod cpuid;

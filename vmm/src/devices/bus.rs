@@ -1,17 +1,6 @@
-//! The port I/O bus: devices inserted at `(base, length)` ranges, accessed by offset.
+//! An I/O bus: device ids inserted at `(base, length)` ranges, resolved to (id, offset).
 
 use std::collections::BTreeMap;
-
-/// A device reachable through port I/O.
-///
-/// `offset` is relative to the base the device was inserted at. Multi-byte accesses arrive
-/// as one call with `data.len()` of 1, 2 or 4.
-pub trait BusDevice {
-    /// Handles a guest read; the device fills `data`.
-    fn read(&mut self, offset: u64, data: &mut [u8]);
-    /// Handles a guest write of `data`.
-    fn write(&mut self, offset: u64, data: &[u8]);
-}
 
 /// Errors from building a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,25 +18,30 @@ pub enum BusError {
     ZeroLength(u64),
 }
 
-/// Identifies a device on the bus; the owner of the bus maps it to the device itself.
-pub type DeviceId = usize;
-
-/// Maps port ranges to device ids. The devices themselves are owned by the machine, which
-/// dispatches on the id; this keeps the bus free of shared ownership.
-#[derive(Debug, Default)]
-pub struct PioBus {
+/// Maps address ranges to device ids of type `Id`. The devices themselves are owned by the
+/// machine, which dispatches on the id; this keeps the bus free of shared ownership.
+#[derive(Debug)]
+pub struct PioBus<Id: Copy> {
     /// base -> (length, device)
-    ranges: BTreeMap<u64, (u64, DeviceId)>,
+    ranges: BTreeMap<u64, (u64, Id)>,
 }
 
-impl PioBus {
+impl<Id: Copy> Default for PioBus<Id> {
+    fn default() -> Self {
+        PioBus {
+            ranges: BTreeMap::new(),
+        }
+    }
+}
+
+impl<Id: Copy> PioBus<Id> {
     /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Inserts `device` at `[base, base + len)`.
-    pub fn insert(&mut self, base: u64, len: u64, device: DeviceId) -> Result<(), BusError> {
+    pub fn insert(&mut self, base: u64, len: u64, device: Id) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
@@ -61,7 +55,7 @@ impl PioBus {
     }
 
     /// Finds the device covering `addr`: its id and the offset of `addr` within it.
-    pub fn resolve(&self, addr: u64) -> Option<(DeviceId, u64)> {
+    pub fn resolve(&self, addr: u64) -> Option<(Id, u64)> {
         let (&base, &(len, id)) = self.ranges.range(..=addr).next_back()?;
         (addr < base + len).then_some((id, addr - base))
     }
@@ -73,7 +67,7 @@ mod tests {
 
     #[test]
     fn resolve_and_overlap() {
-        let mut bus = PioBus::new();
+        let mut bus = PioBus::<u32>::new();
         bus.insert(0x20, 2, 1).unwrap();
         bus.insert(0x40, 4, 2).unwrap();
         assert_eq!(bus.resolve(0x21), Some((1, 1)));

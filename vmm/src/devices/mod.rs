@@ -1,7 +1,8 @@
 //! The user-space device model: every device that can raise an interrupt lives here, in the
 //! VMM, so that the VMM alone decides when the guest sees it (DESIGN.md, Determinism 2).
 //!
-//! Devices sit on the port I/O bus ([`bus::PioBus`]) as [`bus::BusDevice`]s. Interrupt lines
+//! Devices sit on the port I/O bus ([`bus::PioBus`]), which resolves a port to the device's
+//! id and offset; the machine dispatches on the id. Interrupt lines
 //! from devices go to the 8259 pair ([`pic::PicPair`]), which the vCPU loop asks for a vector
 //! at every delivery point.
 
@@ -11,4 +12,4 @@ pub mod pic;
 pub mod pit;
 pub mod serial;
 
-pub use bus::{BusDevice, PioBus};
+pub use bus::PioBus;

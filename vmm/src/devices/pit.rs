@@ -17,6 +17,8 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 const REFRESH_PERIOD_NS: u64 = 15_085;
 
 const RW_LATCH: u8 = 0;
+/// Access the low byte only (the match arms' default).
+#[allow(dead_code)]
 const RW_LSB: u8 = 1;
 const RW_MSB: u8 = 2;
 const RW_WORD0: u8 = 3;
@@ -157,6 +159,7 @@ impl Channel {
                 self.read_state = RW_WORD0;
                 (count >> 8) as u8
             }
+            // RW_LSB
             _ => count as u8,
         }
     }
