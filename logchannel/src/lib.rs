@@ -12,8 +12,13 @@ pub mod entry;
 pub mod error;
 pub mod file;
 pub mod frame;
+pub mod transport;
 
 pub use entry::{Digest, DigestDiff, EndReason, Entry, LogHeader, PageDiff, Position, RegDiff};
 pub use error::{LogError, Record};
 pub use file::{flip_payload_bit, rewrite_entry, LogReader, LogWriter};
 pub use frame::{Frame, FrameDecoder, StreamKind, FORMAT_VERSION, MAX_PAYLOAD_LEN};
+pub use transport::{
+    AckState, ChannelConfig, ChannelStatus, InFlight, LogListener, LogReceiver, LogSender, Message,
+    TransportError, PROTOCOL_VERSION,
+};

@@ -1,0 +1,68 @@
+//! The messages of the log channel, each carried in one frame of [`crate::frame`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::entry::{Entry, LogHeader, Position};
+
+/// The version of the channel protocol (messages and their order), sent in
+/// [`Message::Hello`] and [`Message::Welcome`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// One message on the log channel.
+///
+/// Primary → backup: `Hello`, then `Entry` and `Heartbeat` interleaved.
+/// Backup → primary: `Welcome` or `Refuse`, then `Ack`s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// The primary's first message: who it is and what it records.
+    Hello {
+        /// The primary's [`PROTOCOL_VERSION`].
+        protocol_version: u16,
+        /// The header of the log it will stream.
+        header: LogHeader,
+    },
+    /// The backup accepts the log.
+    Welcome {
+        /// The backup's [`PROTOCOL_VERSION`].
+        protocol_version: u16,
+    },
+    /// The backup refuses the log (header mismatch, protocol version...); it then closes.
+    Refuse {
+        /// Why, readable.
+        reason: String,
+    },
+    /// One log entry.
+    Entry {
+        /// Its sequence number: 1 for the first entry of the connection, then +1 each.
+        seq: u64,
+        /// The entry.
+        entry: Entry,
+    },
+    /// Liveness, sent every heartbeat interval whether or not entries flow.
+    Heartbeat {
+        /// The sequence number of the last entry sent before it.
+        seq: u64,
+    },
+    /// The backup has received every entry up to `seq` (sent after each batch of messages
+    /// read, heartbeats included, so it doubles as the backup's heartbeat).
+    Ack {
+        /// The position of entry `seq` (0 if none yet).
+        pos: Position,
+        /// The number of entries received.
+        seq: u64,
+    },
+}
+
+impl Message {
+    /// The message's name, for errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Refuse { .. } => "Refuse",
+            Message::Entry { .. } => "Entry",
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::Ack { .. } => "Ack",
+        }
+    }
+}
