@@ -323,7 +323,7 @@ impl App {
     }
 
     async fn get(&self, vm: String) -> Result<Response<Body>, Response<Body>> {
-        check_id("VM", &vm)?;
+        validate_id("VM", &vm).map_err(bad_request)?;
         let found = self
             .with_store(move |s| s.get(&vm).map(|e| (vm, e)))
             .await?;
@@ -334,7 +334,7 @@ impl App {
     }
 
     async fn clear(&self, vm: String) -> Result<Response<Body>, Response<Body>> {
-        check_id("VM", &vm)?;
+        validate_id("VM", &vm).map_err(bad_request)?;
         let found = self
             .with_store(move |s| s.clear(&vm).map(|e| (vm, e)))
             .await?;
@@ -353,7 +353,7 @@ impl App {
         repair: bool,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Response<Body>> {
-        check_id("VM", &vm)?;
+        validate_id("VM", &vm).map_err(bad_request)?;
         let body = self.read_body(req).await?;
         let claim: ClaimRequest = serde_json::from_slice(&body).map_err(|e| {
             error(
@@ -364,7 +364,7 @@ impl App {
                 ),
             )
         })?;
-        check_id("claimant", &claim.claimant)?;
+        validate_id("claimant", &claim.claimant).map_err(bad_request)?;
         let ClaimRequest {
             claimant,
             generation,
@@ -425,6 +425,6 @@ impl App {
     }
 }
 
-fn check_id(kind: &str, id: &str) -> Result<(), Response<Body>> {
-    validate_id(kind, id).map_err(|m| error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m))
+fn bad_request(message: String) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
 }

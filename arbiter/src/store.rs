@@ -614,3 +614,224 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(store: &Store, vm: &str, claimant: &str, generation: u64) -> Outcome {
+        store
+            .test_and_set(vm, claimant, generation)
+            .unwrap()
+            .outcome
+    }
+
+    #[test]
+    fn claim_rules() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(outcome(&store, "vm", "a", 5), Outcome::Won);
+        assert_eq!(outcome(&store, "vm", "a", 5), Outcome::Won, "idempotent");
+        let lost = store.test_and_set("vm", "b", 5).unwrap();
+        assert_eq!(
+            (lost.outcome, lost.holder.as_deref()),
+            (Outcome::Lost, Some("a"))
+        );
+        assert_eq!(outcome(&store, "vm", "b", 4), Outcome::Stale);
+        assert!(matches!(
+            store.test_and_set("vm", "b", 6),
+            Err(StoreError::FutureGeneration { current: 5, .. })
+        ));
+        assert!(matches!(
+            store.re_pair("vm", "b", 5),
+            Err(StoreError::NotHolder { .. })
+        ));
+        assert_eq!(store.re_pair("vm", "a", 5).unwrap().generation, 6);
+        assert_eq!(
+            store.re_pair("vm", "a", 5).unwrap().generation,
+            6,
+            "idempotent"
+        );
+        assert!(matches!(
+            store.re_pair("vm", "a", 6),
+            Err(StoreError::NotHolder { .. })
+        ));
+        assert!(matches!(
+            store.re_pair("vm", "b", 5),
+            Err(StoreError::StaleGeneration { .. })
+        ));
+        assert_eq!(outcome(&store, "vm", "a", 5), Outcome::Stale);
+        assert_eq!(outcome(&store, "vm", "c", 6), Outcome::Won);
+        assert!(matches!(
+            store.re_pair("nope", "a", 1),
+            Err(StoreError::UnknownVm(_))
+        ));
+
+        // Clear retires the generations used so far.
+        let cleared = store.clear("vm").unwrap().unwrap();
+        assert_eq!(cleared.generation, 6);
+        assert_eq!(store.get("vm").unwrap(), None);
+        assert_eq!(store.clear("vm").unwrap(), None);
+        assert_eq!(outcome(&store, "vm", "a", 6), Outcome::Stale);
+        assert_eq!(outcome(&store, "vm", "a", 1), Outcome::Stale);
+        assert_eq!(store.list().unwrap().cleared[0].retired_generation, 6);
+        assert_eq!(outcome(&store, "vm", "d", 7), Outcome::Won);
+        assert!(store.list().unwrap().cleared.is_empty());
+
+        // Overflow is refused, not wrapped.
+        assert_eq!(outcome(&store, "max", "a", u64::MAX), Outcome::Won);
+        assert!(matches!(
+            store.re_pair("max", "a", u64::MAX),
+            Err(StoreError::GenerationExhausted(_))
+        ));
+    }
+
+    #[test]
+    fn state_survives_reopen_and_the_dir_is_locked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        assert!(matches!(
+            Store::open(tmp.path()),
+            Err(StoreError::Locked(_))
+        ));
+        store.test_and_set("a", "x", 1).unwrap();
+        store.re_pair("a", "x", 1).unwrap();
+        store.test_and_set("b", "y", 3).unwrap();
+        store.test_and_set("c", "z", 1).unwrap();
+        store.clear("c").unwrap();
+        let before = store.list().unwrap();
+        drop(store);
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.list().unwrap(), before);
+        assert_eq!(store.recovery().torn_bytes, 0);
+        assert_eq!(store.recovery().records, 5);
+        drop(store);
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.list().unwrap(), before);
+        assert_eq!(
+            store.recovery().records,
+            3,
+            "compacted to one record per VM"
+        );
+    }
+
+    /// Cuts the log at every byte offset: the store always opens with exactly the records
+    /// that are complete, and keeps working.
+    #[test]
+    fn every_truncation_recovers_the_complete_prefix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let origin = tmp.path().join("origin");
+        let store = Store::open(&origin).unwrap();
+        // Each of these appends exactly one record; remember the state after each.
+        let mut states = vec![store.list().unwrap()];
+        store.test_and_set("a", "x", 1).unwrap();
+        states.push(store.list().unwrap());
+        store.re_pair("a", "x", 1).unwrap();
+        states.push(store.list().unwrap());
+        store.test_and_set("a", "y", 2).unwrap();
+        states.push(store.list().unwrap());
+        store.clear("a").unwrap();
+        states.push(store.list().unwrap());
+        store.test_and_set("b", "x", 9).unwrap();
+        states.push(store.list().unwrap());
+        drop(store);
+        let log = fs::read(origin.join(LOG_FILE)).unwrap();
+        // Record boundaries, from the framing.
+        let mut ends = vec![LOG_MAGIC.len()];
+        while *ends.last().unwrap() < log.len() {
+            let at = *ends.last().unwrap();
+            let len = u32::from_le_bytes(log[at..at + 4].try_into().unwrap()) as usize;
+            ends.push(at + RECORD_HEADER_BYTES + len);
+        }
+        assert_eq!(ends.len(), states.len());
+        // Every offset through the first two records (each position in a header and a
+        // payload), then around every later record boundary: the framing is the same for
+        // every record, and each cut costs a few fsyncs.
+        let cuts = (LOG_MAGIC.len()..=ends[2]).chain(ends[2..].iter().flat_map(|&end| {
+            [
+                end.saturating_sub(5),
+                end - 1,
+                end,
+                end + 1,
+                end + 4,
+                end + 9,
+            ]
+            .into_iter()
+            .filter(|&c| c > ends[2] && c <= log.len())
+        }));
+        let mut checked = 0;
+        for cut in cuts {
+            checked += 1;
+            let dir = tmp.path().join(format!("cut-{cut}"));
+            if dir.exists() {
+                continue;
+            }
+            fs::create_dir(&dir).unwrap();
+            fs::write(dir.join(LOG_FILE), &log[..cut]).unwrap();
+            let store = Store::open(&dir).unwrap();
+            let complete = ends.iter().filter(|&&end| end <= cut).count() - 1;
+            assert_eq!(store.list().unwrap(), states[complete], "cut at {cut}");
+            let torn = (cut - ends[complete]) as u64;
+            assert_eq!(store.recovery().torn_bytes, torn, "cut at {cut}");
+            assert_eq!(store.recovery().torn_saved_to.is_some(), torn > 0);
+            // Still decides, and the decision survives a reopen (checked around each
+            // record boundary only, to keep the test quick: it costs several fsyncs).
+            if !ends.iter().any(|&end| cut == end || cut == end + 1) {
+                continue;
+            }
+            store.test_and_set("after", "z", 1).unwrap();
+            drop(store);
+            let store = Store::open(&dir).unwrap();
+            assert_eq!(store.recovery().torn_bytes, 0);
+            assert_eq!(
+                store.get("after").unwrap().unwrap().holder.as_deref(),
+                Some("z")
+            );
+        }
+        assert!(checked > ends[2], "{checked} cuts checked");
+        eprintln!("{checked} cuts of a {}-byte log checked", log.len());
+    }
+
+    #[test]
+    fn foreign_files_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join(LOG_FILE), b"not an arbiter log").unwrap();
+        assert!(matches!(
+            Store::open(tmp.path()),
+            Err(StoreError::Corrupt { .. })
+        ));
+        // A valid checksum around a payload that is not a record is not a torn write either.
+        let mut log = LOG_MAGIC.to_vec();
+        let payload = b"{\"op\":\"steal\"}";
+        log.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        log.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        log.extend_from_slice(payload);
+        fs::write(tmp.path().join(LOG_FILE), &log).unwrap();
+        assert!(matches!(
+            Store::open(tmp.path()),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_claims_have_one_winner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(tmp.path()).unwrap());
+        for round in 0..20 {
+            let vm = format!("vm-{round}");
+            let handles: Vec<_> = (0..8)
+                .map(|t| {
+                    let (store, vm) = (store.clone(), vm.clone());
+                    std::thread::spawn(move || {
+                        store.test_and_set(&vm, &format!("c{t}"), 1).unwrap()
+                    })
+                })
+                .collect();
+            let answers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let winners = answers.iter().filter(|a| a.outcome == Outcome::Won).count();
+            assert_eq!(winners, 1);
+            let holder = &answers[0].holder;
+            assert!(answers.iter().all(|a| &a.holder == holder));
+        }
+    }
+}

@@ -52,7 +52,11 @@ impl Fixture {
     fn unchanged(&self, what: &str) {
         let client = self.arbiter.client();
         client.health().unwrap();
-        assert_eq!(client.list().unwrap(), self.before, "{what} changed the state");
+        assert_eq!(
+            client.list().unwrap(),
+            self.before,
+            "{what} changed the state"
+        );
         let again = client.test_and_set("held", "owner", 3).unwrap();
         assert_eq!(again.outcome, Outcome::Won, "{what}");
     }
@@ -134,10 +138,18 @@ fn huge_requests_get_413() {
     let json = br#"{"claimant":"padded","generation":1}"#;
     let mut body = json.to_vec();
     body.resize(DEFAULT_MAX_BODY_BYTES, b' ');
-    let answer = raw(addr, &request("POST", &claim_path("padded-vm"), Some(&bearer()), &body), false);
+    let answer = raw(
+        addr,
+        &request("POST", &claim_path("padded-vm"), Some(&bearer()), &body),
+        false,
+    );
     assert_eq!(answer.status, Some(200), "{answer:?}");
     body.push(b' ');
-    let answer = raw(addr, &request("POST", &claim_path("padded-vm-2"), Some(&bearer()), &body), false);
+    let answer = raw(
+        addr,
+        &request("POST", &claim_path("padded-vm-2"), Some(&bearer()), &body),
+        false,
+    );
     expect(&answer, 413, "payload_too_large", "limit + 1");
     let client = f.arbiter.client();
     assert!(client.get("padded-vm").unwrap().is_some());
@@ -166,11 +178,23 @@ fn malformed_bodies_and_ids_get_400_with_a_message() {
         ("truncated JSON", br#"{"claimant":"x","gener"#),
         ("empty body", b""),
         ("missing generation", br#"{"claimant":"x"}"#),
-        ("generation as a string", br#"{"claimant":"x","generation":"1"}"#),
-        ("negative generation", br#"{"claimant":"x","generation":-1}"#),
-        ("unknown field", br#"{"claimant":"x","generation":1,"force":true}"#),
+        (
+            "generation as a string",
+            br#"{"claimant":"x","generation":"1"}"#,
+        ),
+        (
+            "negative generation",
+            br#"{"claimant":"x","generation":-1}"#,
+        ),
+        (
+            "unknown field",
+            br#"{"claimant":"x","generation":1,"force":true}"#,
+        ),
         ("bad claimant id", br#"{"claimant":"x y","generation":1}"#),
-        ("invalid UTF-8", b"{\"claimant\":\"\xff\xfe\",\"generation\":1}"),
+        (
+            "invalid UTF-8",
+            b"{\"claimant\":\"\xff\xfe\",\"generation\":1}",
+        ),
     ];
     for (what, body) in cases {
         for path in [claim_path("new-vm"), "/v1/vms/held/re-pair".to_owned()] {
@@ -180,10 +204,18 @@ fn malformed_bodies_and_ids_get_400_with_a_message() {
     }
     let body = br#"{"claimant":"x","generation":1}"#;
     for bad_vm in ["a%20b", "a:b%2Fc", &"v".repeat(129)] {
-        let answer = raw(addr, &request("POST", &claim_path(bad_vm), Some(&bearer()), body), false);
+        let answer = raw(
+            addr,
+            &request("POST", &claim_path(bad_vm), Some(&bearer()), body),
+            false,
+        );
         expect(&answer, 400, "bad_request", bad_vm);
     }
-    let answer = raw(addr, &request("POST", "/v1/vms//test-and-set", Some(&bearer()), body), false);
+    let answer = raw(
+        addr,
+        &request("POST", "/v1/vms//test-and-set", Some(&bearer()), body),
+        false,
+    );
     expect(&answer, 400, "bad_request", "empty VM id");
     f.unchanged("malformed bodies");
     assert_eq!(f.arbiter.client().get("new-vm").unwrap(), None);
@@ -212,17 +244,27 @@ fn wrong_or_missing_token_gets_401() {
             ("DELETE", "/v1/vms/held".to_owned(), &b""[..]),
         ] {
             let answer = raw(addr, &request(method, &path, auth, body), false);
-            expect(&answer, 401, "unauthorized", &format!("{what}: {method} {path}"));
-            assert!(answer.headers.contains("www-authenticate: bearer"), "{answer:?}");
+            expect(
+                &answer,
+                401,
+                "unauthorized",
+                &format!("{what}: {method} {path}"),
+            );
+            assert!(
+                answer.headers.contains("www-authenticate: bearer"),
+                "{answer:?}"
+            );
         }
     }
     f.unchanged("unauthenticated requests");
     assert_eq!(f.arbiter.client().get("thief-vm").unwrap(), None);
 
     // The client library reports it as a rejection, not as an outage.
-    let thief =
-        arbiter::BlockingClient::new(f.arbiter.addr.clone(), Some(arbiter::Token::new("nope").unwrap()))
-            .unwrap();
+    let thief = arbiter::BlockingClient::new(
+        f.arbiter.addr.clone(),
+        Some(arbiter::Token::new("nope").unwrap()),
+    )
+    .unwrap();
     let err = thief.test_and_set("held", "thief", 3).unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
     // Health needs no token.
@@ -242,11 +284,21 @@ fn unknown_vms_routes_and_methods() {
     expect(&answer, 404, "unknown_vm", "clear unknown VM");
     let answer = raw(
         addr,
-        &request("POST", "/v1/vms/nobody/re-pair", auth, br#"{"claimant":"x","generation":1}"#),
+        &request(
+            "POST",
+            "/v1/vms/nobody/re-pair",
+            auth,
+            br#"{"claimant":"x","generation":1}"#,
+        ),
         false,
     );
     expect(&answer, 404, "unknown_vm", "re-pair unknown VM");
-    for path in ["/", "/v2/vms", "/v1/vms/held/steal", "/v1/vms/held/re-pair/x"] {
+    for path in [
+        "/",
+        "/v2/vms",
+        "/v1/vms/held/steal",
+        "/v1/vms/held/re-pair/x",
+    ] {
         let answer = raw(addr, &request("GET", path, auth, b""), false);
         expect(&answer, 404, "not_found", path);
     }
@@ -258,7 +310,9 @@ fn unknown_vms_routes_and_methods() {
     ] {
         let answer = raw(addr, &request(method, path, auth, b""), false);
         expect(&answer, 405, "method_not_allowed", path);
-        assert!(answer.headers.contains(&format!("allow: {}", allow.to_ascii_lowercase())));
+        assert!(answer
+            .headers
+            .contains(&format!("allow: {}", allow.to_ascii_lowercase())));
     }
     let client = f.arbiter.client();
     assert_eq!(client.get("nobody").unwrap(), None);

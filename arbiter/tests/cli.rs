@@ -72,7 +72,10 @@ fn sigterm_stops_gracefully_and_state_survives() {
     let written = std::fs::read_to_string(&port_file).unwrap();
     assert_eq!(written.trim(), arbiter.addr, "--port-file matches stdout");
     let client = arbiter.client();
-    assert_eq!(client.test_and_set("vm", "a", 1).unwrap().outcome, Outcome::Won);
+    assert_eq!(
+        client.test_and_set("vm", "a", 1).unwrap().outcome,
+        Outcome::Won
+    );
 
     // A second arbiter cannot use the same data directory while the first runs.
     let err = Arbiter::start_with(&data, &["--token-file", token.to_str().unwrap()])
@@ -101,7 +104,12 @@ fn insecure_no_auth_accepts_anyone() {
     assert!(arbiter.stderr().contains("authentication is disabled"));
     let answer = raw(
         &arbiter.addr,
-        &request("POST", "/v1/vms/open/test-and-set", None, br#"{"claimant":"anyone","generation":1}"#),
+        &request(
+            "POST",
+            "/v1/vms/open/test-and-set",
+            None,
+            br#"{"claimant":"anyone","generation":1}"#,
+        ),
         false,
     );
     assert_eq!(answer.status, Some(200), "{answer:?}");

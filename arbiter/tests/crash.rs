@@ -223,7 +223,8 @@ fn record_bytes(payload: &str, good_crc: bool) -> Vec<u8> {
 fn torn_last_record_is_dropped_and_the_log_stays_usable() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let ghost = r#"{"op":"put","entry":{"vm":"t-ghost","generation":1,"holder":"ghost","opened_by":null}}"#;
+    let ghost =
+        r#"{"op":"put","entry":{"vm":"t-ghost","generation":1,"holder":"ghost","opened_by":null}}"#;
     let damages: [(&str, Vec<u8>); 3] = [
         ("half a record", record_bytes(ghost, true)[..40].to_vec()),
         ("a record failing its checksum", record_bytes(ghost, false)),
@@ -243,7 +244,10 @@ fn torn_last_record_is_dropped_and_the_log_stays_usable() {
         let arbiter = Arbiter::start(&data);
         let client = arbiter.client();
         for r in 0..=round {
-            let entry = client.get(&format!("t-{r}")).unwrap().expect("answered claim kept");
+            let entry = client
+                .get(&format!("t-{r}"))
+                .unwrap()
+                .expect("answered claim kept");
             assert_eq!(entry.holder.as_deref(), Some("owner"), "after {what}");
         }
         assert_eq!(client.get("t-ghost").unwrap(), None, "{what} was replayed");
@@ -252,16 +256,29 @@ fn torn_last_record_is_dropped_and_the_log_stays_usable() {
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().contains(".torn-"))
             .collect();
-        assert_eq!(torn.len(), round + 1, "dropped bytes are kept for inspection");
+        assert_eq!(
+            torn.len(),
+            round + 1,
+            "dropped bytes are kept for inspection"
+        );
         // The arbiter goes on deciding, and what it decides after the repair is readable.
         // (Each round clears t-ghost, retiring its generation, so use a new one.)
         let generation = round as u64 + 1;
         if round > 0 {
-            let stale = client.test_and_set("t-ghost", "real", round as u64).unwrap();
-            assert_eq!(stale.outcome, Outcome::Stale, "a cleared generation stays retired");
+            let stale = client
+                .test_and_set("t-ghost", "real", round as u64)
+                .unwrap();
+            assert_eq!(
+                stale.outcome,
+                Outcome::Stale,
+                "a cleared generation stays retired"
+            );
         }
         assert_eq!(
-            client.test_and_set("t-ghost", "real", generation).unwrap().outcome,
+            client
+                .test_and_set("t-ghost", "real", generation)
+                .unwrap()
+                .outcome,
             Outcome::Won
         );
         drop(arbiter);

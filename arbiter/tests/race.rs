@@ -99,7 +99,12 @@ fn threads_and_processes_agree_on_one_winner_per_round() {
     let mut children = Children(Vec::new());
     for p in 0..PROCESSES {
         let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "race_child_process", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "race_child_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, format!("{} proc{p}", arbiter.addr))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -128,17 +133,29 @@ fn threads_and_processes_agree_on_one_winner_per_round() {
                 other => panic!("child saw outcome {other}"),
             };
             let holder = (parts[3] != "-").then(|| parts[3].to_owned());
-            claims.push((parts[0].parse().unwrap(), parts[1].to_owned(), outcome, holder));
+            claims.push((
+                parts[0].parse().unwrap(),
+                parts[1].to_owned(),
+                outcome,
+                holder,
+            ));
         }
         let status = child.wait().unwrap();
         assert!(status.success(), "child claimant process failed: {status}");
     }
 
     let claimants = PROCESSES * THREADS_PER_PROCESS + PARENT_THREADS;
-    assert_eq!(claims.len(), ROUNDS * claimants, "every claimant reported every round");
+    assert_eq!(
+        claims.len(),
+        ROUNDS * claimants,
+        "every claimant reported every round"
+    );
     let mut by_round: BTreeMap<usize, Vec<_>> = BTreeMap::new();
     for (round, claimant, outcome, holder) in claims {
-        by_round.entry(round).or_default().push((claimant, outcome, holder));
+        by_round
+            .entry(round)
+            .or_default()
+            .push((claimant, outcome, holder));
     }
     let client = arbiter.client();
     let mut winners_by_process = BTreeMap::new();
@@ -195,7 +212,9 @@ fn generations_advance_only_through_the_winner() {
                     barrier.wait();
                     if answer.outcome == Outcome::Won {
                         // A stale claim and a future claim change nothing.
-                        let stale = client.test_and_set(vm, "latecomer", generation - 1).unwrap();
+                        let stale = client
+                            .test_and_set(vm, "latecomer", generation - 1)
+                            .unwrap();
                         assert_eq!(stale.outcome, Outcome::Stale);
                         assert_eq!(stale.holder.as_deref(), Some(me.as_str()));
                         let future = client.test_and_set(vm, "inventor", generation + 1);
