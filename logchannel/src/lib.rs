@@ -3,8 +3,10 @@
 //! - [`entry`]: the data model: [`LogHeader`], [`Position`], [`Entry`], [`Digest`].
 //! - [`frame`]: the one framing (length, CRC32C, postcard payload) used on disk and on the
 //!   wire, and the incremental [`FrameDecoder`].
-//! - [`file`]: log files ([`LogWriter`], [`LogReader`]).
-//! - [`error`]: [`LogError`], which names the record and byte offset at fault.
+//! - [`mod@file`]: log files ([`LogWriter`], [`LogReader`]).
+//! - [`mod@error`]: [`LogError`], which names the record and byte offset at fault.
+//! - [`transport`]: the live channel over TCP: [`LogSender`] on the primary,
+//!   [`LogListener`] and [`LogReceiver`] on the backup, acks, heartbeats, peer loss.
 //!
 //! See `logchannel/README.md` for the byte layout and the channel protocol.
 
