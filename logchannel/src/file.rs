@@ -27,6 +27,8 @@ pub struct LogWriter {
     entries: u64,
     last_pos: Option<Position>,
     scratch: Vec<u8>,
+    /// The first I/O error: after it the file's tail is unknown, so nothing more is written.
+    failed: Option<LogError>,
 }
 
 impl LogWriter {
@@ -41,6 +43,7 @@ impl LogWriter {
             entries: 0,
             last_pos: None,
             scratch: Vec::with_capacity(4096),
+            failed: None,
         };
         encode_preamble(&mut w.scratch);
         encode_frame(
@@ -54,17 +57,28 @@ impl LogWriter {
         Ok(w)
     }
 
+    fn check_failed(&self) -> Result<(), LogError> {
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
     fn write_scratch(&mut self) -> Result<(), LogError> {
-        self.out
-            .write_all(&self.scratch)
-            .map_err(|e| LogError::io(self.path.display(), self.offset, e))?;
+        self.check_failed()?;
+        if let Err(e) = self.out.write_all(&self.scratch) {
+            let e = LogError::io(self.path.display(), self.offset, e);
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
         self.offset += self.scratch.len() as u64;
         self.scratch.clear();
         Ok(())
     }
 
     /// Appends one entry. An entry whose position is lower than the previous one's is
-    /// refused ([`LogError::OutOfOrder`]), as is one over the frame size limit.
+    /// refused ([`LogError::OutOfOrder`]), as is one over the frame size limit (both leave
+    /// the log as it was). After an I/O error every call fails with that error.
     pub fn append(&mut self, entry: &Entry) -> Result<(), LogError> {
         let record = Record::Entry(self.entries);
         if let Some(previous) = self.last_pos {
@@ -87,9 +101,13 @@ impl LogWriter {
 
     /// Writes buffered entries to the file (no fsync).
     pub fn flush(&mut self) -> Result<(), LogError> {
-        self.out
-            .flush()
-            .map_err(|e| LogError::io(self.path.display(), self.offset, e))
+        self.check_failed()?;
+        if let Err(e) = self.out.flush() {
+            let e = LogError::io(self.path.display(), self.offset, e);
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Flushes and waits until the data is on stable storage (`fdatasync`).
@@ -715,6 +733,18 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn a_write_error_is_reported_and_sticks() {
+        // /dev/full accepts the open and fails every write with ENOSPC.
+        let mut w = LogWriter::create("/dev/full", &header()).unwrap();
+        w.append(&Entry::Heartbeat { pos: Position(1) }).unwrap();
+        let err = w.flush().unwrap_err();
+        assert!(matches!(err, LogError::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains("/dev/full"), "{err}");
+        assert!(w.append(&Entry::Heartbeat { pos: Position(2) }).is_err());
+        assert!(w.finish().is_err());
     }
 
     #[test]

@@ -594,3 +594,13 @@ fn sending_out_of_order_or_oversize_is_refused_locally() {
     assert_eq!(tx.close().unwrap().seq, 2);
     assert_eq!(rx_thread.join().unwrap(), vec![entry(5), entry(6)]);
 }
+
+#[test]
+fn channel_ends_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<LogSender>();
+    send::<LogReceiver>();
+    send::<LogListener>();
+    send_sync::<TransportError>();
+}
