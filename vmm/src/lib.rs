@@ -8,3 +8,5 @@ pub mod boot;
 pub mod memory;
 pub mod vstate;
 pub mod cpuid;
+pub mod machine;
+pub mod console;
