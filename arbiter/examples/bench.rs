@@ -122,7 +122,10 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&data)?;
     let token_file = tmp.path().join("token");
     std::fs::write(&token_file, TOKEN)?;
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     println!(
         "data dir {} (append+fdatasync of 128 B there: {:.0} us)",
         data.display(),
@@ -133,7 +136,11 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .and_then(|examples| examples.parent())
         .map(|dir| dir.join("twinvm-arbiter"));
-    let bin = args.server_bin.clone().or(default_bin).filter(|b| b.exists());
+    let bin = args
+        .server_bin
+        .clone()
+        .or(default_bin)
+        .filter(|b| b.exists());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -167,10 +174,7 @@ fn main() -> anyhow::Result<()> {
         }
         None => {
             let store = Arc::new(Store::open(&data)?);
-            let config = ServerConfig::new(
-                "127.0.0.1:0".parse()?,
-                Auth::Token(Token::new(TOKEN)?),
-            );
+            let config = ServerConfig::new("127.0.0.1:0".parse()?, Auth::Token(Token::new(TOKEN)?));
             let server = server_runtime.block_on(Server::bind(config, store))?;
             let addr = server.local_addr()?.to_string();
             server_runtime.spawn(server.serve(std::future::pending()));
@@ -202,7 +206,10 @@ fn main() -> anyhow::Result<()> {
             ops,
             &client,
             |c, n, i| async move {
-                let a = c.test_and_set(&format!("par-{n}-{i}"), "a", 1).await.unwrap();
+                let a = c
+                    .test_and_set(&format!("par-{n}-{i}"), "a", 1)
+                    .await
+                    .unwrap();
                 assert_eq!(a.outcome, Outcome::Won);
             },
         )
