@@ -13,7 +13,7 @@
 //!
 //! See `arbiter/README.md` for the protocol, the semantics and how to run the service.
 
-#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod auth;

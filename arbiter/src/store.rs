@@ -269,6 +269,7 @@ fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, StoreE
     Ok(path)
 }
 
+#[allow(unsafe_code)] // one flock(2) call, see SAFETY below
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
