@@ -36,18 +36,25 @@ kver=$(dpkg-query -W -f='${Version}' "$KSRC_PKG")
 bbver=$(dpkg-query -W -f='${Version}' busybox-static)
 
 # --- 2. the input hash ------------------------------------------------------
+# The inputs are first copied to a private snapshot, so that edits made while
+# a build runs can't end up in an output cached under the old hash.
+mkdir -p "$CACHE/guest"
+SNAP=$(mktemp -d "$CACHE/guest/inputs.XXXXXX")
+trap 'rm -rf "$SNAP"' EXIT
+cp -a "$HERE/build.sh" "$HERE/cmdline" "$HERE/kernel" "$HERE/initramfs" "$HERE/programs" "$SNAP/"
+
 # Each input file contributes its path (relative to guest-images), its mode and
 # the sha256 of its content, so renames and chmod +x change the hash too.
 hash_files() {
     local f
     for f in "$@"; do
-        printf '%s %s %s\n' "${f#"$HERE"/}" "$(stat -c %a "$f")" \
+        printf '%s %s %s\n' "${f#"$SNAP"/}" "$(stat -c %a "$f")" \
             "$(sha256sum <"$f" | cut -d' ' -f1)"
     done
 }
-mapfile -t patches < <(find "$HERE/kernel/patches" -maxdepth 1 -type f -name '*.patch' | LC_ALL=C sort)
-mapfile -t inputs < <(find "$HERE/kernel/config-fragment" "$HERE/cmdline" "$HERE/build.sh" \
-                           "$HERE/initramfs" "$HERE/programs" -type f | LC_ALL=C sort)
+mapfile -t patches < <(find "$SNAP/kernel/patches" -maxdepth 1 -type f -name '*.patch' | LC_ALL=C sort)
+mapfile -t inputs < <(find "$SNAP/kernel/config-fragment" "$SNAP/cmdline" "$SNAP/build.sh" \
+                           "$SNAP/initramfs" "$SNAP/programs" -type f | LC_ALL=C sort)
 src_hash=$( { echo "$KSRC_PKG $kver"; hash_files "${patches[@]}"; } | sha256sum | cut -c1-16)
 hash=$( { echo "$KSRC_PKG $kver"; echo "busybox-static $bbver"; hash_files "${patches[@]}" "${inputs[@]}"; } \
         | sha256sum | cut -c1-16)
@@ -60,10 +67,10 @@ link_out() {
 }
 if [[ -f $OUT/.complete ]]; then
     log "cached (inputs hash $hash)"
+    rm -rf "$SNAP"
     link_out
     exit 0
 fi
-mkdir -p "$CACHE/guest"
 
 # --- 3. kernel source tree: extracted + patched once per (version, patches) --
 # The tree doubles as the build directory, so a config change rebuilds only
@@ -71,21 +78,27 @@ mkdir -p "$CACHE/guest"
 KSRC=$CACHE/kernel-src-$src_hash
 exec 9>"$KSRC.lock"
 flock 9
+if [[ -f $OUT/.complete ]]; then      # built by another build.sh while we waited
+    rm -rf "$SNAP"
+    trap - EXIT
+    link_out
+    exit 0
+fi
 if [[ ! -f $KSRC/.twinvm-prepared ]]; then
     rm -rf "$KSRC" "$KSRC.tmp"
     mkdir -p "$KSRC.tmp"
     log "extracting $KSRC_TAR ($KSRC_PKG $kver) into $KSRC"
     tar -xf "$KSRC_TAR" -C "$KSRC.tmp" --strip-components=1
     for p in "${patches[@]}"; do
-        log "applying ${p#"$HERE"/}"
-        patch -p1 -N -s -d "$KSRC.tmp" <"$p" >&2 || die "patch ${p#"$HERE"/} does not apply to $KSRC_PKG $kver"
+        log "applying ${p#"$SNAP"/}"
+        patch -p1 -N -s -d "$KSRC.tmp" <"$p" >&2 || die "patch ${p#"$SNAP"/} does not apply to $KSRC_PKG $kver"
     done
     touch "$KSRC.tmp/.twinvm-prepared"
     mv "$KSRC.tmp" "$KSRC"
 fi
 
 # --- 4. kernel config: tinyconfig + our fragment, then verified ------------
-FRAG=$HERE/kernel/config-fragment
+FRAG=$SNAP/kernel/config-fragment
 log "configuring: make tinyconfig + kernel/config-fragment"
 make -C "$KSRC" -s tinyconfig >&2
 "$KSRC/scripts/kconfig/merge_config.sh" -m -O "$KSRC" "$KSRC/.config" "$FRAG" >/dev/null
@@ -117,15 +130,16 @@ make -C "$KSRC" -j"$(nproc)" vmlinux >&2 || die "kernel build failed (see the ma
 
 # --- 6. initramfs ---------------------------------------------------------------
 TMP=$(mktemp -d "$CACHE/guest/$hash.tmp.XXXXXX")
-trap 'rm -rf "$TMP"' EXIT
+chmod 755 "$TMP"
+trap 'rm -rf "$SNAP" "$TMP"' EXIT
 ROOT=$TMP/root
 mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc,usr/share/twinvm/run}
 chmod 1777 "$ROOT/tmp"
 chmod 700 "$ROOT/root"
-cp -a "$HERE/initramfs/." "$ROOT/"
+cp -a "$SNAP/initramfs/." "$ROOT/"
 
 log "compiling in-guest programs (gcc -static -O2)"
-for c in "$HERE"/programs/*.c; do
+for c in "$SNAP"/programs/*.c; do
     name=twinvm-$(basename "$c" .c)
     gcc -static -O2 -Wall -Wextra -o "$ROOT/usr/bin/$name" "$c" || die "compiling programs/$(basename "$c") failed"
     strip "$ROOT/usr/bin/$name"
@@ -165,12 +179,13 @@ grep -qxE '/?init' <<<"$listing" || die "initramfs.cpio has no /init"
 cp "$KSRC/vmlinux" "$TMP/vmlinux"
 cp "$KSRC/.config" "$TMP/config"
 cp "$KSRC/System.map" "$TMP/System.map"
-tr -s ' \n' ' ' <"$HERE/cmdline" | sed 's/ $//' >"$TMP/cmdline"
+tr -s ' \n' ' ' <"$SNAP/cmdline" | sed 's/ $//' >"$TMP/cmdline"
 echo >>"$TMP/cmdline"
 rm -rf "$ROOT" "$TMP/gen_init_cpio" "$TMP/cpio.list"
 touch "$TMP/.complete"
 rm -rf "$OUT"
 mv "$TMP" "$OUT"
+rm -rf "$SNAP"
 trap - EXIT
 log "vmlinux $(stat -c %s "$OUT/vmlinux") bytes, initramfs.cpio $(stat -c %s "$OUT/initramfs.cpio") bytes"
 link_out
