@@ -11,7 +11,7 @@ set -euo pipefail
 shopt -s nullglob
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CACHE=${TWINVM_CACHE:-$HOME/.cache/twinvm}
+CACHE=$(realpath -m "${TWINVM_CACHE:-$HOME/.cache/twinvm}")
 KSRC_PKG=linux-source-6.12
 KSRC_TAR=/usr/src/linux-source-6.12.tar.xz
 BUSYBOX=/bin/busybox                     # from busybox-static
@@ -138,12 +138,47 @@ chmod 1777 "$ROOT/tmp"
 chmod 700 "$ROOT/root"
 cp -a "$SNAP/initramfs/." "$ROOT/"
 
-log "compiling in-guest programs (gcc -static -O2)"
+# All of programs/NAME.c go into one static multi-call binary (static glibc
+# costs ~700 KB per binary, and the slow guest kernel unpacks the initramfs
+# at ~3 s per MB): each file's main() is renamed twinvm_NAME_main, a generated
+# dispatcher picks one by argv[0], and /usr/bin/twinvm-NAME links to it.
+log "compiling in-guest programs (gcc -static -O2, one multi-call binary)"
+mkdir -p "$TMP/obj"
+progs=()
 for c in "$SNAP"/programs/*.c; do
-    name=twinvm-$(basename "$c" .c)
-    gcc -static -O2 -Wall -Wextra -o "$ROOT/usr/bin/$name" "$c" || die "compiling programs/$(basename "$c") failed"
-    strip "$ROOT/usr/bin/$name"
+    name=$(basename "$c" .c)
+    [[ $name =~ ^[a-z][a-z0-9_]*$ ]] || die "programs/$name.c: name must match [a-z][a-z0-9_]*"
+    gcc -O2 -Wall -Wextra -Dmain="twinvm_${name}_main" -c -o "$TMP/obj/$name.o" "$c" \
+        || die "compiling programs/$name.c failed"
+    progs+=("$name")
 done
+{
+    echo '#include <stdio.h>'
+    echo '#include <string.h>'
+    for name in "${progs[@]}"; do echo "int twinvm_${name}_main(int, char **);"; done
+    echo 'static const struct { const char *name; int (*main)(int, char **); } progs[] = {'
+    for name in "${progs[@]}"; do echo "    { \"twinvm-$name\", twinvm_${name}_main },"; done
+    echo '};'
+    echo 'int main(int argc, char **argv)'
+    echo '{'
+    echo '    const char *base = strrchr(argv[0], 0x2f) ? strrchr(argv[0], 0x2f) + 1 : argv[0];'
+    echo '    for (size_t i = 0; i < sizeof progs / sizeof progs[0]; i++)'
+    echo '        if (!strcmp(base, progs[i].name))'
+    echo '            return progs[i].main(argc, argv);'
+    echo '    fprintf(stderr, "twinvm-programs: run me as one of:");'
+    echo '    for (size_t i = 0; i < sizeof progs / sizeof progs[0]; i++)'
+    echo '        fprintf(stderr, " %s", progs[i].name);'
+    echo '    fprintf(stderr, "\n");'
+    echo '    return 127;'
+    echo '}'
+} >"$TMP/obj/dispatch.c"
+if ((${#progs[@]})); then
+    gcc -static -O2 -Wall -o "$ROOT/usr/bin/twinvm-programs" "$TMP/obj/dispatch.c" "$TMP/obj"/*.o \
+        || die "linking the in-guest programs failed"
+    strip "$ROOT/usr/bin/twinvm-programs"
+    for name in "${progs[@]}"; do ln -s twinvm-programs "$ROOT/usr/bin/twinvm-$name"; done
+fi
+rm -rf "$TMP/obj"
 
 cp "$BUSYBOX" "$ROOT/bin/busybox"
 n=0

@@ -104,8 +104,10 @@ static void interrupted_read(int restart)
 		      "wrong result");
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	(void)argc;
+	(void)argv;
 	setvbuf(stdout, NULL, _IOLBF, 0);
 
 	check(getpid() == syscall(SYS_getpid), "getpid", "libc and raw syscall differ");
