@@ -125,6 +125,13 @@ done <"$FRAG"
 log "config verified: every option of kernel/config-fragment is in .config"
 
 # --- 5. kernel build ----------------------------------------------------------
+# Reproducible: primary and backup hosts that each build the image must get
+# the same bytes (the kernel's version string and its built-in initramfs are
+# in guest memory, which the replay digests compare), so fix what kbuild would
+# take from the clock, the user, the host name and the build counter. The
+# date is the source tarball's mtime, which dpkg sets from the package.
+KBUILD_BUILD_TIMESTAMP=$(date -u -d "@$(stat -c %Y "$KSRC_TAR")" '+%Y-%m-%d %H:%M:%S UTC')
+export KBUILD_BUILD_TIMESTAMP KBUILD_BUILD_USER=twinvm KBUILD_BUILD_HOST=twinvm KBUILD_BUILD_VERSION=1
 log "building vmlinux with make -j$(nproc) in $KSRC (a full build takes minutes)"
 make -C "$KSRC" -j"$(nproc)" vmlinux >&2 || die "kernel build failed (see the make output above)"
 
