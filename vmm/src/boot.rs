@@ -164,10 +164,12 @@ pub struct BootLayout {
 fn check_vmlinux(path: &Path, file: &mut File) -> Result<(), BootError> {
     let shown = path.display().to_string();
     let mut head = [0u8; 0x210];
-    let n = file.read(&mut head).map_err(|source| BootError::KernelRead {
-        path: shown.clone(),
-        source,
-    })?;
+    let n = file
+        .read(&mut head)
+        .map_err(|source| BootError::KernelRead {
+            path: shown.clone(),
+            source,
+        })?;
     let not = |why: &str| BootError::NotVmlinux {
         path: shown.clone(),
         why: why.to_string(),
@@ -212,12 +214,13 @@ pub fn load_guest(
         source,
     })?;
     check_vmlinux(kernel, &mut kfile)?;
-    let loaded = Elf::load(mem, None, &mut kfile, Some(GuestAddress(HIMEM_START))).map_err(|e| {
-        BootError::KernelLoad {
-            path: kshown.clone(),
-            why: e.to_string(),
-        }
-    })?;
+    let loaded =
+        Elf::load(mem, None, &mut kfile, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+            BootError::KernelLoad {
+                path: kshown.clone(),
+                why: e.to_string(),
+            }
+        })?;
     let entry = loaded.kernel_load.raw_value();
     let kernel_end = loaded.kernel_end;
 
@@ -438,7 +441,10 @@ mod tests {
         let mem = crate::memory::create_guest_memory(64).unwrap();
         let text = temp_file("text", &[b'x'; 4096]);
         let e = load_guest(&mem, &text, None, "").unwrap_err().to_string();
-        assert!(e.contains("not an x86-64 vmlinux ELF image: no ELF magic"), "{e}");
+        assert!(
+            e.contains("not an x86-64 vmlinux ELF image: no ELF magic"),
+            "{e}"
+        );
 
         let mut bz = vec![0u8; 0x1000];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
@@ -456,7 +462,9 @@ mod tests {
         assert!(e.contains("ELF machine is 183"), "{e}");
 
         let missing = std::env::temp_dir().join("twinvm-no-such-kernel");
-        let e = load_guest(&mem, &missing, None, "").unwrap_err().to_string();
+        let e = load_guest(&mem, &missing, None, "")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("cannot read kernel"), "{e}");
         for p in [text, bz, arm] {
             std::fs::remove_file(p).unwrap();

@@ -3,10 +3,11 @@
 
 #![deny(missing_docs)]
 
-pub mod devices;
 pub mod boot;
-pub mod memory;
-pub mod vstate;
-pub mod cpuid;
-pub mod machine;
 pub mod console;
+pub mod cpuid;
+pub mod devices;
+pub mod machine;
+pub mod memory;
+pub mod rr;
+pub mod vstate;

@@ -13,6 +13,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use logchannel::entry::{Digest, EndReason, Entry, Position};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootLayout};
 use crate::cpuid::{self, CpuidError};
@@ -21,10 +24,28 @@ use crate::devices::pit::Pit;
 use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::{cmos::Cmos, PioBus};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::rr::{Mode, RrError};
 use crate::vstate::{self, VcpuKick, VstateError};
 
 /// ISA line of the PIT's channel 0.
 pub const PIT_IRQ: u8 = 0;
+
+/// Most single steps taken towards one interrupt delivery (see `Machine::prepare_entry`).
+pub const MAX_STEPS: u64 = 20_000;
+
+/// Whether `insn` is `pushf` (with an optional operand-size or REX prefix).
+fn is_pushf(insn: &[u8; 3]) -> bool {
+    matches!(insn, [0x9c, ..] | [0x66 | 0x48, 0x9c, _])
+}
+
+/// Whether `insn` starts with an instruction that returns to user mode (`iret`, `iretq`,
+/// `sysret`, `sysretq`).
+fn returns_to_user(insn: &[u8; 3]) -> bool {
+    matches!(
+        insn,
+        [0xcf, ..] | [0x48, 0xcf, _] | [0x0f, 0x07, _] | [0x48, 0x0f, 0x07]
+    )
+}
 
 /// What to boot and how.
 #[derive(Debug, Clone)]
@@ -42,6 +63,8 @@ pub struct VmConfig {
     /// Host CPU to pin the vCPU thread to. The guest's CPUID on a software KVM reports the
     /// APIC ID of the host CPU it runs on, so a replay must run where the recording ran.
     pub cpu: Option<usize>,
+    /// Positions between two state digests when recording (0: none but the final one).
+    pub digest_interval: u64,
 }
 
 /// Errors of the machine.
@@ -88,6 +111,9 @@ pub enum MachineError {
         /// Position.
         pos: u64,
     },
+    /// Recording or replaying.
+    #[error(transparent)]
+    Rr(#[from] RrError),
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed at position {pos}: {source}")]
     Run {
@@ -131,8 +157,12 @@ pub struct RunStats {
     pub mmio_exits: u64,
     /// HLT exits.
     pub hlt_exits: u64,
-    /// Interrupt-window exits.
+    /// Interrupt-window exits (none are requested; see `prepare_entry`).
     pub window_exits: u64,
+    /// Single-step exits taken to reach a point where an interrupt can be injected.
+    pub step_exits: u64,
+    /// Times single-stepping was started.
+    pub step_episodes: u64,
     /// Returns from `KVM_RUN` caused by a kick.
     pub kicks: u64,
     /// Interrupts injected.
@@ -143,6 +173,12 @@ pub struct RunStats {
     pub idle: Duration,
     /// Time from creating the machine to the first `KVM_RUN`.
     pub setup: Duration,
+    /// State digests taken.
+    pub digests: u64,
+    /// Time spent taking them.
+    pub digest_time: Duration,
+    /// Dirty pages hashed for them.
+    pub digest_pages: u64,
 }
 
 /// Device ids on the port I/O bus.
@@ -160,22 +196,58 @@ enum Dev {
 #[derive(Debug, Clone, Copy)]
 pub struct HostClock {
     start: Instant,
+    /// In replay the clock is never read: every time-dependent answer comes from the log.
+    frozen: bool,
+    /// Time the guest's monotonic clock stood still (while the VMM single-stepped it).
+    paused: Duration,
+    /// When the current pause began.
+    paused_since: Option<Instant>,
 }
 
 impl HostClock {
-    fn new() -> Self {
+    fn new(frozen: bool) -> Self {
         HostClock {
             start: Instant::now(),
+            frozen,
+            paused: Duration::ZERO,
+            paused_since: None,
         }
     }
 
-    /// Nanoseconds since the machine was created (monotonic).
+    /// Nanoseconds of guest-visible monotonic time since the machine was created: host time
+    /// less the pauses; 0 when frozen.
     pub fn mono_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        if self.frozen {
+            return 0;
+        }
+        let pausing = self.paused_since.map_or(Duration::ZERO, |t| t.elapsed());
+        self.start
+            .elapsed()
+            .saturating_sub(self.paused + pausing)
+            .as_nanos() as u64
     }
 
-    /// Nanoseconds since the Unix epoch (wall clock).
+    /// Stops the monotonic clock: single-stepping runs the guest thousands of times slower
+    /// than it runs, and a clock that kept going would flood it with timer ticks, which
+    /// outrank and starve every other interrupt.
+    fn pause(&mut self) {
+        if self.paused_since.is_none() {
+            self.paused_since = Some(Instant::now());
+        }
+    }
+
+    /// Restarts the monotonic clock.
+    fn resume(&mut self) {
+        if let Some(t) = self.paused_since.take() {
+            self.paused += t.elapsed();
+        }
+    }
+
+    /// Nanoseconds since the Unix epoch (wall clock); 0 when frozen.
     pub fn wall_ns(&self) -> u64 {
+        if self.frozen {
+            return 0;
+        }
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -302,9 +374,11 @@ impl MachineHandle {
 pub struct Machine {
     // Field order is drop order: the vCPU and VM go before the memory they map.
     vcpu: VcpuFd,
-    _vm: VmFd,
+    vm: VmFd,
     _kvm: Kvm,
     mem: GuestMemory,
+    mode: Mode,
+    digest_interval: u64,
     devices: Devices,
     clock: HostClock,
     layout: BootLayout,
@@ -314,6 +388,12 @@ pub struct Machine {
     handle: MachineHandle,
     pending_input: VecDeque<u8>,
     created: Instant,
+    /// Whether the vCPU is being single-stepped towards an interruptible instruction.
+    stepping: bool,
+    /// Steps left before giving up on the pending interrupt until an ordinary exit.
+    step_budget: u64,
+    /// The instruction being stepped is a `pushf`.
+    stepping_pushf: bool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -346,7 +426,11 @@ fn pin_current_thread(cpu: usize) -> Result<(), MachineError> {
 impl Machine {
     /// Creates the VM, loads the guest and sets up the vCPU, on the calling thread (which
     /// must be the one that calls [`Machine::run`]). Console output goes to `console_out`.
-    pub fn new(cfg: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Self, MachineError> {
+    pub fn new(
+        cfg: &VmConfig,
+        console_out: Box<dyn Write + Send>,
+        mode: Mode,
+    ) -> Result<Self, MachineError> {
         let created = Instant::now();
         if let Some(cpu) = cfg.cpu {
             pin_current_thread(cpu)?;
@@ -354,24 +438,27 @@ impl Machine {
         let kvm = vstate::open_kvm(&cfg.kvm_path)?;
         let mem = memory::create_guest_memory(cfg.mem_mib)?;
         let layout = boot::load_guest(&mem, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
-        let vm = vstate::create_vm(&kvm, &mem, false)?;
-        let mut vcpu = vm
-            .create_vcpu(0)
-            .map_err(|source| VstateError::Ioctl {
-                what: "create vCPU",
-                source,
-            })?;
+        let vm = vstate::create_vm(&kvm, &mem, mode.wants_digests())?;
+        // Pages the loader wrote are the same on every side (the image hashes are in the
+        // log header): digests start from a clean bitmap.
+        reset_vmm_dirty(&mem);
+        let mut vcpu = vm.create_vcpu(0).map_err(|source| VstateError::Ioctl {
+            what: "create vCPU",
+            source,
+        })?;
         cpuid::configure(&kvm, &vcpu)?;
         boot::setup_vcpu_regs(&vcpu, &layout)?;
         let kick = VcpuKick::arm(&mut vcpu)?;
         let (tx, rx) = std::sync::mpsc::channel();
         Ok(Machine {
             vcpu,
-            _vm: vm,
+            vm,
             _kvm: kvm,
             mem,
+            clock: HostClock::new(mode.is_replay()),
+            mode,
+            digest_interval: cfg.digest_interval,
             devices: Devices::new(),
-            clock: HostClock::new(),
             layout,
             stats: RunStats::default(),
             console_out,
@@ -379,6 +466,9 @@ impl Machine {
             handle: MachineHandle { events: tx, kick },
             pending_input: VecDeque::new(),
             created,
+            stepping: false,
+            step_budget: MAX_STEPS,
+            stepping_pushf: false,
         })
     }
 
@@ -407,8 +497,53 @@ impl Machine {
         self.stats.sync_exits
     }
 
-    /// Runs the guest until it powers off, resets, is stopped, or fails.
-    pub fn run(&mut self) -> Result<RunOutcome, MachineError> {
+    /// The record/replay mode (for its counters).
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    /// Runs the guest until it powers off, resets, is stopped, or fails; then ends the log
+    /// (recording) or checks its end (replay). Returns the outcome and, when recording, the
+    /// log's size in bytes.
+    pub fn run(&mut self) -> Result<(RunOutcome, u64), MachineError> {
+        let result = self.run_loop();
+        let pos = self.position();
+        let end = match &result {
+            Ok(RunOutcome::PowerOff) => Some(EndReason::PowerOff),
+            Ok(RunOutcome::Reset) => Some(EndReason::Reset),
+            // A stop that the replayed log asked for was checked where it happened.
+            Ok(RunOutcome::Stopped(0)) if self.mode.is_replay() => None,
+            // A replay stopped by a signal has nothing to check.
+            Ok(RunOutcome::Stopped(_)) if self.mode.is_replay() => None,
+            Ok(RunOutcome::Stopped(_)) => Some(EndReason::Stopped),
+            Err(e) if !self.mode.is_replay() => Some(EndReason::Error(e.to_string())),
+            Err(_) => None,
+        };
+        let mut finished = Ok(());
+        if let Some(reason) = end {
+            // The guest's state where it powered off or reset is a function of the log, so
+            // it gets a final digest; a stop may come in the middle of guest execution (a
+            // kick), where there is nothing exact to compare.
+            if matches!(reason, EndReason::PowerOff | EndReason::Reset) {
+                finished = self.digest_now(pos);
+            }
+            if finished.is_ok() {
+                finished = self.mode.end(pos, reason).map_err(MachineError::from);
+            }
+        }
+        let bytes = match std::mem::replace(&mut self.mode, Mode::Live) {
+            Mode::Record(r) => r.finish()?,
+            other => {
+                self.mode = other;
+                0
+            }
+        };
+        let outcome = result?;
+        finished?;
+        Ok((outcome, bytes))
+    }
+
+    fn run_loop(&mut self) -> Result<RunOutcome, MachineError> {
         self.stats.setup = self.created.elapsed();
         // Position 0 is a delivery point too: nothing can be pending yet, but the window
         // request is set up the same way as after every exit.
@@ -447,6 +582,10 @@ impl Machine {
                     let pio = vstate::pio_exit(&mut self.vcpu);
                     self.devices
                         .pio(pio.port, pio.size, pio.is_in, pio.data, &self.clock);
+                    if pio.is_in && self.devices.is_time_dependent(pio.port) {
+                        self.mode
+                            .time_read(self.stats.sync_exits, pio.port, pio.data)?;
+                    }
                     false
                 }
                 Exit::Mmio => {
@@ -463,6 +602,14 @@ impl Machine {
                 }
                 Exit::Window => {
                     self.stats.window_exits += 1;
+                    false
+                }
+                Exit::Step => {
+                    self.stats.step_exits += 1;
+                    if std::mem::take(&mut self.stepping_pushf) {
+                        self.scrub_pushed_tf()?;
+                    }
+                    self.step_budget = self.step_budget.saturating_sub(1);
                     false
                 }
                 Exit::Shutdown => {
@@ -514,6 +661,7 @@ impl Machine {
             }
             VcpuExit::Hlt => Exit::Hlt,
             VcpuExit::IrqWindowOpen => Exit::Window,
+            VcpuExit::Debug(_) => Exit::Step,
             VcpuExit::Shutdown => Exit::Shutdown,
             VcpuExit::InternalError => Exit::Internal,
             VcpuExit::FailEntry(reason, _) => Exit::FailEntry(reason),
@@ -547,6 +695,8 @@ impl Machine {
 
     fn take_event(&mut self, ev: HostEvent) -> Option<RunOutcome> {
         match ev {
+            // A replay takes its console input from the log, never from the terminal.
+            HostEvent::Input(_) if self.mode.is_replay() => None,
             HostEvent::Input(bytes) => {
                 self.pending_input.extend(bytes);
                 None
@@ -559,23 +709,41 @@ impl Machine {
         }
     }
 
-    /// The work done at a delivery point (right after a synchronous exit): asynchronous
-    /// sources raise their lines, then a pending interrupt is injected if the guest can take
-    /// it, or an interrupt window is requested. A halted guest with nothing to take waits
+    /// The work done at a delivery point (right after a synchronous exit): a digest if one
+    /// is due, then asynchronous sources raise their lines (from the host, or from the log
+    /// in replay), then a pending interrupt is injected if the guest can take it, or an
+    /// interrupt window is requested. A live guest that halted with nothing to take waits
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
+        let pos = self.position();
+        if self.digest_interval > 0 && pos > 0 && pos % self.digest_interval == 0 {
+            self.digest_now(pos)?;
+        }
+        if self.mode.stopped_here(pos)? {
+            return Ok(Some(RunOutcome::Stopped(0)));
+        }
         loop {
             if let Some(outcome) = self.drain_events()? {
                 return Ok(Some(outcome));
             }
+            if self.mode.is_replay() {
+                while let Some(e) = self.mode.next_async(pos)? {
+                    self.apply_logged_input(pos, e)?;
+                }
+                break;
+            }
             let now = self.clock.mono_ns();
             if self.devices.pit.poll_irq(now) {
                 self.devices.pic.pulse(PIT_IRQ);
+                self.mode.irq_line(pos, PIT_IRQ)?;
             }
             if !self.pending_input.is_empty() {
                 let (a, _) = self.pending_input.as_slices();
                 let n = self.devices.serial.enqueue_input(a);
-                self.pending_input.drain(..n);
+                if n > 0 {
+                    let taken: Vec<u8> = self.pending_input.drain(..n).collect();
+                    self.mode.console_in(pos, &taken)?;
+                }
                 if self.devices.serial.take_irq() {
                     self.devices.pic.pulse(COM1_IRQ);
                 }
@@ -609,28 +777,335 @@ impl Machine {
                 Err(RecvTimeoutError::Disconnected) => {}
             }
         }
-        self.prepare_entry()?;
+        self.prepare_entry(pos)?;
+        if self.mode.stopped_here(pos)? {
+            return Ok(Some(RunOutcome::Stopped(0)));
+        }
         Ok(None)
     }
 
-    /// Injects the PIC's pending interrupt if the vCPU can take it now, or asks KVM for an
-    /// exit as soon as it can.
-    fn prepare_entry(&mut self) -> Result<(), MachineError> {
-        let run = self.vcpu.get_kvm_run();
-        run.request_interrupt_window = 0;
-        if !self.devices.pic.has_interrupt() {
-            return Ok(());
-        }
-        if run.ready_for_interrupt_injection != 0 {
-            if let Some(vector) = self.devices.pic.ack() {
-                vstate::inject_interrupt(&self.vcpu, vector)?;
-                self.stats.injected += 1;
+    /// Applies an asynchronous input the log has at `pos`, exactly as the recording did.
+    fn apply_logged_input(&mut self, pos: u64, e: Entry) -> Result<(), MachineError> {
+        match e {
+            Entry::IrqLine { line, .. } if line < 16 => self.devices.pic.pulse(line),
+            Entry::ConsoleIn { bytes, .. } => {
+                let n = self.devices.serial.enqueue_input(&bytes);
+                if n != bytes.len() {
+                    return Err(RrError::Divergence {
+                        pos,
+                        entry: self.replay_index(),
+                        what: format!(
+                            "the UART took {n} of {} logged input bytes: its receive FIFO is not in the recorded state",
+                            bytes.len()
+                        ),
+                    }
+                    .into());
+                }
+                if self.devices.serial.take_irq() {
+                    self.devices.pic.pulse(COM1_IRQ);
+                }
             }
-        } else {
-            run.request_interrupt_window = 1;
+            other => {
+                return Err(RrError::Divergence {
+                    pos,
+                    entry: self.replay_index(),
+                    what: format!("unexpected {}", crate::rr::describe(&other)),
+                }
+                .into())
+            }
         }
         Ok(())
     }
+
+    fn replay_index(&self) -> u64 {
+        match &self.mode {
+            Mode::Replay(r) => r.consumed().saturating_sub(1),
+            _ => 0,
+        }
+    }
+
+    /// Takes a state digest at `pos` (recording), or checks the logged one (replay).
+    fn digest_now(&mut self, pos: u64) -> Result<(), MachineError> {
+        let t0 = Instant::now();
+        let (vcpu, vm, mem) = (&self.vcpu, &self.vm, &self.mem);
+        let mut pages = 0u64;
+        self.mode.digest(pos, || {
+            let d = state_digest(vcpu, vm, mem, pos)?;
+            pages = d.pages.len() as u64;
+            Ok(d)
+        })?;
+        self.stats.digests += 1;
+        self.stats.digest_pages += pages;
+        self.stats.digest_time += t0.elapsed();
+        Ok(())
+    }
+
+    /// Injects the PIC's pending interrupt if the vCPU can take it now. If it cannot
+    /// (interrupts disabled, or the one-instruction shadow of `sti`), the guest is
+    /// single-stepped until it can: each step is a synchronous exit, so the interrupt lands at
+    /// the first instruction that can take it, the same one in a recording and its replay.
+    ///
+    /// KVM's interrupt-window exit would do the same in one exit on hardware, but on the
+    /// software KVM of this project's hosts it was measured to arrive a variable number of
+    /// instructions after interrupts were enabled (replays diverged with identical exit
+    /// counts); it is not used. Single-stepping stops short of an instruction that returns to
+    /// user mode (where this host delivers the step's #DB to the guest instead), and after
+    /// [`MAX_STEPS`] steps; the interrupt then waits for the next ordinary exit.
+    fn prepare_entry(&mut self, pos: u64) -> Result<(), MachineError> {
+        let mut vector = None;
+        let mut step = false;
+        if self.devices.pic.has_interrupt() {
+            if self.vcpu.get_kvm_run().ready_for_interrupt_injection != 0 {
+                vector = self.devices.pic.ack();
+            } else {
+                step = self.step_budget > 0 && self.can_step()?;
+            }
+        }
+        self.mode.inject(pos, vector)?;
+        if let Some(v) = vector {
+            vstate::inject_interrupt(&self.vcpu, v)?;
+            self.stats.injected += 1;
+            if self.step_budget != MAX_STEPS {
+                tracing::trace!(
+                    "vector {v:#x} injected at position {pos} after {} single steps",
+                    MAX_STEPS - self.step_budget
+                );
+            }
+            self.step_budget = MAX_STEPS;
+        }
+        self.set_stepping(step)
+    }
+
+    /// Whether the next guest instruction may be single-stepped: the guest is in kernel mode
+    /// and the instruction does not return to user mode.
+    fn can_step(&mut self) -> Result<bool, MachineError> {
+        let sregs = self.vcpu.get_sregs().map_err(|source| VstateError::Ioctl {
+            what: "read special registers",
+            source,
+        })?;
+        if sregs.cs.selector & 3 != 0 {
+            return Ok(false);
+        }
+        let Some(insn) = self.next_insn()? else {
+            return Ok(false);
+        };
+        if returns_to_user(&insn) {
+            return Ok(false);
+        }
+        self.stepping_pushf = is_pushf(&insn);
+        Ok(true)
+    }
+
+    /// Reads the first bytes of the instruction at the guest's RIP (kernel mode only).
+    fn next_insn(&self) -> Result<Option<[u8; 3]>, MachineError> {
+        let rip = self
+            .vcpu
+            .get_regs()
+            .map(|r| r.rip)
+            .map_err(|source| VstateError::Ioctl {
+                what: "read registers",
+                source,
+            })?;
+        let Ok(t) = self.vcpu.translate_gva(rip) else {
+            return Ok(None);
+        };
+        if t.valid == 0 {
+            return Ok(None);
+        }
+        let mut insn = [0u8; 3];
+        Ok(self
+            .mem
+            .read_slice(&mut insn, GuestAddress(t.physical_address))
+            .ok()
+            .map(|()| insn))
+    }
+
+    /// After single-stepping a `pushf`, clears the trap flag it pushed: KVM sets RFLAGS.TF
+    /// to step, and `pushf` would otherwise hand it to the guest, which would later restore
+    /// it with `popf` and take a debug trap of its own.
+    fn scrub_pushed_tf(&mut self) -> Result<(), MachineError> {
+        let rsp = self
+            .vcpu
+            .get_regs()
+            .map(|r| r.rsp)
+            .map_err(|source| VstateError::Ioctl {
+                what: "read registers",
+                source,
+            })?;
+        let Ok(t) = self.vcpu.translate_gva(rsp) else {
+            return Ok(());
+        };
+        if t.valid == 0 {
+            return Ok(());
+        }
+        let addr = GuestAddress(t.physical_address);
+        if let Ok(flags) = self.mem.read_obj::<u64>(addr) {
+            const RFLAGS_TF: u64 = 1 << 8;
+            if flags & RFLAGS_TF != 0 {
+                let _ = self.mem.write_obj(flags & !RFLAGS_TF, addr);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_stepping(&mut self, on: bool) -> Result<(), MachineError> {
+        if on == self.stepping {
+            return Ok(());
+        }
+        let dbg = kvm_bindings::kvm_guest_debug {
+            control: if on {
+                kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        self.vcpu
+            .set_guest_debug(&dbg)
+            .map_err(|source| VstateError::Ioctl {
+                what: "set single-step",
+                source,
+            })?;
+        self.stepping = on;
+        if on {
+            self.stats.step_episodes += 1;
+            self.clock.pause();
+        } else {
+            self.clock.resume();
+        }
+        Ok(())
+    }
+}
+
+/// Clears vm-memory's record of pages the VMM wrote.
+fn reset_vmm_dirty(mem: &GuestMemory) {
+    for region in mem.iter() {
+        vmm_bitmap(region).reset();
+    }
+}
+
+/// The bitmap of pages the VMM wrote through vm-memory in `region`.
+fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+    mapping.bitmap()
+}
+
+/// A 64-bit hash of `bytes` (FNV-1a over 64-bit words, with a final mix). Not
+/// cryptographic: it only has to make an accidental match of two different pages unlikely.
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for chunk in bytes.chunks(8) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+const PAGE_SIZE: u64 = 4096;
+
+/// The vCPU's registers, a hash of its FPU/SSE state, and a hash of every page dirtied since
+/// the last digest (KVM's dirty log, which also resets it, together with the pages the VMM
+/// wrote itself).
+pub fn state_digest(
+    vcpu: &VcpuFd,
+    vm: &VmFd,
+    mem: &GuestMemory,
+    pos: u64,
+) -> Result<Digest, RrError> {
+    let kvm_err = |what: &str, e: kvm_ioctls::Error| RrError::Kvm(format!("{what}: {e}"));
+    let r = vcpu
+        .get_regs()
+        .map_err(|e| kvm_err("reading registers", e))?;
+    let s = vcpu
+        .get_sregs()
+        .map_err(|e| kvm_err("reading special registers", e))?;
+    let f = vcpu
+        .get_fpu()
+        .map_err(|e| kvm_err("reading FPU state", e))?;
+    let mut regs: Vec<(String, u64)> = [
+        ("rax", r.rax),
+        ("rbx", r.rbx),
+        ("rcx", r.rcx),
+        ("rdx", r.rdx),
+        ("rsi", r.rsi),
+        ("rdi", r.rdi),
+        ("rsp", r.rsp),
+        ("rbp", r.rbp),
+        ("r8", r.r8),
+        ("r9", r.r9),
+        ("r10", r.r10),
+        ("r11", r.r11),
+        ("r12", r.r12),
+        ("r13", r.r13),
+        ("r14", r.r14),
+        ("r15", r.r15),
+        ("rip", r.rip),
+        ("rflags", r.rflags),
+        ("cr0", s.cr0),
+        ("cr2", s.cr2),
+        ("cr3", s.cr3),
+        ("cr4", s.cr4),
+        ("efer", s.efer),
+        ("cs", u64::from(s.cs.selector)),
+        ("ss", u64::from(s.ss.selector)),
+        ("ds", u64::from(s.ds.selector)),
+        ("es", u64::from(s.es.selector)),
+        ("fs", u64::from(s.fs.selector)),
+        ("gs", u64::from(s.gs.selector)),
+        ("fs_base", s.fs.base),
+        ("gs_base", s.gs.base),
+        ("gdt_base", s.gdt.base),
+        ("idt_base", s.idt.base),
+        ("tr_base", s.tr.base),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), v))
+    .collect();
+    regs.sort();
+    let mut fpu_bytes = Vec::with_capacity(512);
+    for reg in f.fpr.iter() {
+        fpu_bytes.extend_from_slice(reg);
+    }
+    for reg in f.xmm.iter() {
+        fpu_bytes.extend_from_slice(reg);
+    }
+    fpu_bytes.extend_from_slice(&f.fcw.to_le_bytes());
+    fpu_bytes.extend_from_slice(&f.fsw.to_le_bytes());
+    fpu_bytes.push(f.ftwx);
+    fpu_bytes.extend_from_slice(&f.mxcsr.to_le_bytes());
+    let fpu_hash = hash_bytes(&fpu_bytes);
+
+    let mut pages = Vec::new();
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for (slot, region) in mem.iter().enumerate() {
+        let len = region.len() as usize;
+        let bitmap = vm
+            .get_dirty_log(slot as u32, len)
+            .map_err(|e| kvm_err("reading the dirty log", e))?;
+        let base = region.start_addr().0;
+        let npages = region.len() / PAGE_SIZE;
+        for page in 0..npages {
+            let kvm_dirty = bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0;
+            let vmm_dirty = vmm_bitmap(region).dirty_at((page * PAGE_SIZE) as usize);
+            if kvm_dirty || vmm_dirty {
+                let gpa = base + page * PAGE_SIZE;
+                mem.read_slice(&mut buf, GuestAddress(gpa))
+                    .map_err(|e| RrError::Kvm(format!("reading guest page {gpa:#x}: {e}")))?;
+                pages.push((gpa / PAGE_SIZE, hash_bytes(&buf)));
+            }
+        }
+        vmm_bitmap(region).reset();
+    }
+    Ok(Digest {
+        pos: Position(pos),
+        regs,
+        fpu_hash,
+        pages,
+    })
 }
 
 /// A VM exit reduced to what the loop acts on.
@@ -640,6 +1115,7 @@ enum Exit {
     Mmio,
     Hlt,
     Window,
+    Step,
     Shutdown,
     Internal,
     FailEntry(u64),
@@ -666,7 +1142,7 @@ mod tests {
     #[test]
     fn wide_access_splits_into_ports_and_unclaimed_ports_float_high() {
         let mut d = Devices::new();
-        let clock = HostClock::new();
+        let clock = HostClock::new(false);
         let mut data = [0u8; 2];
         // A 16-bit read at 0x20 reads IRR (0x20) and IMR (0x21).
         d.pic.write(Chip::Master, 1, 0x5a);
@@ -680,9 +1156,15 @@ mod tests {
     #[test]
     fn serial_interrupt_becomes_a_pic_edge() {
         let mut d = Devices::new();
-        let clock = HostClock::new();
+        let clock = HostClock::new(false);
         // Program the PIC as Linux does, then enable THRE interrupts on the UART.
-        for (port, val) in [(0x20u16, 0x11u8), (0x21, 0x30), (0x21, 4), (0x21, 1), (0x21, 0)] {
+        for (port, val) in [
+            (0x20u16, 0x11u8),
+            (0x21, 0x30),
+            (0x21, 4),
+            (0x21, 1),
+            (0x21, 0),
+        ] {
             d.pio(port, 1, false, &mut [val], &clock);
         }
         d.pio(0x3f9, 1, false, &mut [0x02], &clock);

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use kvm_bindings::{kvm_interrupt, kvm_run, kvm_userspace_memory_region, KVMIO};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use std::os::fd::FromRawFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
@@ -73,12 +73,21 @@ fn ioctl_err(what: &'static str) -> impl FnOnce(errno::Error) -> VstateError {
 /// Opens the KVM device at `path` and checks that it offers what twinvm needs.
 pub fn open_kvm(path: &Path) -> Result<Kvm, VstateError> {
     let shown = path.display().to_string();
-    let file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(VstateError::NoKvm { path: shown })
         }
-        Err(source) => return Err(VstateError::KvmAccess { path: shown, source }),
+        Err(source) => {
+            return Err(VstateError::KvmAccess {
+                path: shown,
+                source,
+            })
+        }
     };
     // Reject things that are not a KVM device before handing the fd to kvm-ioctls.
     let kvm = {
@@ -186,7 +195,8 @@ impl VcpuKick {
     /// Installs the kick handler and arms it for `vcpu` on the calling thread, which must be
     /// the thread that runs the vCPU.
     pub fn arm(vcpu: &mut VcpuFd) -> Result<Self, VstateError> {
-        register_signal_handler(kick_signal(), kick_handler).map_err(ioctl_err("install kick signal handler"))?;
+        register_signal_handler(kick_signal(), kick_handler)
+            .map_err(ioctl_err("install kick signal handler"))?;
         let run: *mut kvm_run = vcpu.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run));
         // SAFETY: pthread_self has no preconditions.

@@ -266,7 +266,8 @@ impl Cmos {
 
     fn apply_written_time(&mut self, wall_ns: u64) {
         let r = |i: u8| self.ram[i as usize];
-        let year = i64::from(self.decode(r(REG_CENTURY))) * 100 + i64::from(self.decode(r(REG_YEAR)));
+        let year =
+            i64::from(self.decode(r(REG_CENTURY))) * 100 + i64::from(self.decode(r(REG_YEAR)));
         let t = DateTime {
             year,
             month: self.decode(r(REG_MONTH)).clamp(1, 12),
@@ -332,7 +333,10 @@ mod tests {
     fn update_in_progress_near_second_boundary() {
         let mut c = Cmos::new();
         assert_eq!(read_reg(&mut c, REG_A, T) & REG_A_UIP, 0);
-        assert_eq!(read_reg(&mut c, REG_A, T + 999_900_000) & REG_A_UIP, REG_A_UIP);
+        assert_eq!(
+            read_reg(&mut c, REG_A, T + 999_900_000) & REG_A_UIP,
+            REG_A_UIP
+        );
     }
 
     #[test]
