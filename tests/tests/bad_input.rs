@@ -12,7 +12,10 @@ fn twinvm(args: &[&str]) -> (Option<i32>, String) {
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run twinvm");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_error_line(code: Option<i32>, stderr: &str, needle: &str) {

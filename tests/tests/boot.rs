@@ -16,8 +16,14 @@ fn boots_to_shell_and_answers_over_serial() {
     let at = vm.wait_for(PROMPT, at, Duration::from_secs(120));
     let console = vm.console();
     // The serial line and the timer are interrupt driven through the user-space 8259 pair.
-    assert!(console.contains("XT-PIC"), "no XT-PIC interrupts:\n{console}");
-    assert!(console.contains("ttyS0") || console.contains("serial"), "{console}");
+    assert!(
+        console.contains("XT-PIC"),
+        "no XT-PIC interrupts:\n{console}"
+    );
+    assert!(
+        console.contains("ttyS0") || console.contains("serial"),
+        "{console}"
+    );
     vm.type_text("poweroff -f\n");
     let status = vm.wait_exit(Duration::from_secs(120));
     assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
@@ -33,7 +39,11 @@ fn sigterm_stops_the_guest_cleanly() {
     vm.signal(libc::SIGTERM);
     let status = vm.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.stderr());
-    assert!(vm.stderr().contains("stopped by signal 15"), "{}", vm.stderr());
+    assert!(
+        vm.stderr().contains("stopped by signal 15"),
+        "{}",
+        vm.stderr()
+    );
 }
 
 #[test]

@@ -97,6 +97,9 @@ struct ReplayArgs {
     /// Pin the vCPU thread to this host CPU.
     #[arg(long)]
     cpu: Option<usize>,
+    /// Write the run's counters and timings as JSON to this file when the guest ends.
+    #[arg(long)]
+    stats: Option<PathBuf>,
 }
 
 /// What to boot. Without options, the image that guest-images/build.sh made.
@@ -127,6 +130,9 @@ struct GuestArgs {
     /// Pin the vCPU thread to this host CPU.
     #[arg(long)]
     cpu: Option<usize>,
+    /// Write the run's counters and timings as JSON to this file when the guest ends.
+    #[arg(long)]
+    stats: Option<PathBuf>,
 }
 
 fn default_guest_dir() -> PathBuf {
@@ -240,7 +246,42 @@ impl ReplayArgs {
     }
 }
 
-fn run(cfg: &VmConfig, mode: Mode) -> anyhow::Result<RunOutcome> {
+/// Writes the counters of a finished run as one JSON object.
+fn write_stats(
+    path: &Path,
+    s: &vmm::machine::RunStats,
+    log_bytes: u64,
+    outcome: RunOutcome,
+) -> anyhow::Result<()> {
+    let secs = |d: std::time::Duration| d.as_secs_f64();
+    let json = format!(
+        concat!(
+            "{{\"outcome\":\"{:?}\",\"positions\":{},\"pio_exits\":{},\"mmio_exits\":{},",
+            "\"hlt_exits\":{},\"step_exits\":{},\"step_episodes\":{},\"injected\":{},",
+            "\"kicks\":{},\"in_guest_s\":{:.6},\"idle_s\":{:.6},\"setup_s\":{:.6},",
+            "\"digests\":{},\"digest_s\":{:.6},\"digest_pages\":{},\"log_bytes\":{}}}\n"
+        ),
+        outcome,
+        s.sync_exits,
+        s.pio_exits,
+        s.mmio_exits,
+        s.hlt_exits,
+        s.step_exits,
+        s.step_episodes,
+        s.injected,
+        s.kicks,
+        secs(s.in_guest),
+        secs(s.idle),
+        secs(s.setup),
+        s.digests,
+        secs(s.digest_time),
+        s.digest_pages,
+        log_bytes
+    );
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+}
+
+fn run(cfg: &VmConfig, mode: Mode, stats: Option<&Path>) -> anyhow::Result<RunOutcome> {
     let replay = mode.is_replay();
     let mut machine = Machine::new(cfg, Box::new(std::io::stdout()), mode)?;
     let handle = machine.handle();
@@ -262,6 +303,9 @@ fn run(cfg: &VmConfig, mode: Mode) -> anyhow::Result<RunOutcome> {
     }
     let (outcome, log_bytes) = machine.run()?;
     let s = machine.stats();
+    if let Some(path) = stats {
+        write_stats(path, s, log_bytes, outcome)?;
+    }
     match machine.mode() {
         Mode::Replay(r) => eprintln!(
             "twinvm: replay complete: {} log entries, {} state digests matched, {} positions",
@@ -294,13 +338,13 @@ fn record(args: &RecordArgs) -> anyhow::Result<RunOutcome> {
         args.vm_id.clone(),
     );
     let recorder = Recorder::create(&args.log, &header)?;
-    run(&cfg, Mode::Record(recorder))
+    run(&cfg, Mode::Record(recorder), args.guest.stats.as_deref())
 }
 
 fn replay(args: &ReplayArgs) -> anyhow::Result<RunOutcome> {
     let replayer = Replayer::open(&args.log)?;
     let cfg = args.to_config(replayer.header())?;
-    run(&cfg, Mode::Replay(replayer))
+    run(&cfg, Mode::Replay(replayer), args.stats.as_deref())
 }
 
 fn dump(args: &DumpArgs) -> anyhow::Result<()> {
@@ -347,7 +391,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match &cli.command {
-        Command::Run(args) => args.to_config().and_then(|cfg| run(&cfg, Mode::Live)),
+        Command::Run(args) => args
+            .to_config()
+            .and_then(|cfg| run(&cfg, Mode::Live, args.stats.as_deref())),
         Command::Record(args) => record(args),
         Command::Replay(args) => replay(args),
         Command::Dump(args) => {

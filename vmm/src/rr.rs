@@ -100,7 +100,9 @@ impl Recorder {
 
     /// Flushes and syncs the log; returns the bytes written.
     pub fn finish(self) -> Result<u64, RrError> {
-        Ok(self.writer.finish()?)
+        let bytes = self.writer.bytes_written();
+        self.writer.finish()?;
+        Ok(bytes)
     }
 
     /// Entries written so far.
