@@ -10,4 +10,5 @@ pub mod devices;
 pub mod machine;
 pub mod memory;
 pub mod rr;
+pub mod tap;
 pub mod vstate;

@@ -11,5 +11,6 @@ pub mod cmos;
 pub mod pic;
 pub mod pit;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::PioBus;
