@@ -38,13 +38,14 @@ fn is_pushf(insn: &[u8; 3]) -> bool {
     matches!(insn, [0x9c, ..] | [0x66 | 0x48, 0x9c, _])
 }
 
-/// Whether `insn` starts with an instruction that returns to user mode (`iret`, `iretq`,
-/// `sysret`, `sysretq`).
-fn returns_to_user(insn: &[u8; 3]) -> bool {
-    matches!(
-        insn,
-        [0xcf, ..] | [0x48, 0xcf, _] | [0x0f, 0x07, _] | [0x48, 0x0f, 0x07]
-    )
+/// Whether `insn` is `iret` or `iretq`.
+fn is_iret(insn: &[u8; 3]) -> bool {
+    matches!(insn, [0xcf, ..] | [0x48, 0xcf, _])
+}
+
+/// Whether `insn` is `sysret` or `sysretq`, which always return to user mode.
+fn is_sysret(insn: &[u8; 3]) -> bool {
+    matches!(insn, [0x0f, 0x07, _] | [0x48, 0x0f, 0x07])
 }
 
 /// What to boot and how.
@@ -889,11 +890,30 @@ impl Machine {
         let Some(insn) = self.next_insn()? else {
             return Ok(false);
         };
-        if returns_to_user(&insn) {
+        if is_sysret(&insn) || (is_iret(&insn) && self.iret_goes_to_user()?) {
             return Ok(false);
         }
         self.stepping_pushf = is_pushf(&insn);
         Ok(true)
+    }
+
+    /// Whether the `iret` about to run returns to user mode: the CS it pops (at RSP + 8) has
+    /// a non-zero privilege level. When the frame cannot be read, assume it does.
+    fn iret_goes_to_user(&self) -> Result<bool, MachineError> {
+        let rsp = self.vcpu.get_regs().map(|r| r.rsp).map_err(|source| VstateError::Ioctl {
+            what: "read registers",
+            source,
+        })?;
+        let Ok(t) = self.vcpu.translate_gva(rsp.wrapping_add(8)) else {
+            return Ok(true);
+        };
+        if t.valid == 0 {
+            return Ok(true);
+        }
+        Ok(match self.mem.read_obj::<u64>(GuestAddress(t.physical_address)) {
+            Ok(cs) => cs & 3 != 0,
+            Err(_) => true,
+        })
     }
 
     /// Reads the first bytes of the instruction at the guest's RIP (kernel mode only).
@@ -1125,6 +1145,18 @@ enum Exit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instruction_classes() {
+        assert!(is_iret(&[0x48, 0xcf, 0x90]));
+        assert!(is_iret(&[0xcf, 0x00, 0x00]));
+        assert!(is_sysret(&[0x48, 0x0f, 0x07]));
+        assert!(is_sysret(&[0x0f, 0x07, 0x90]));
+        assert!(!is_sysret(&[0x0f, 0x05, 0x90]), "syscall is not sysret");
+        assert!(is_pushf(&[0x9c, 0x58, 0x90]));
+        assert!(is_pushf(&[0x66, 0x9c, 0x90]));
+        assert!(!is_pushf(&[0x9d, 0x90, 0x90]), "popf is not pushf");
+    }
 
     #[test]
     fn device_layout_is_consistent() {
