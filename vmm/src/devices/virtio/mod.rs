@@ -42,6 +42,8 @@ pub mod chain;
 pub mod device;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+mod testutil;
 
 pub use device::{Interrupt, VirtioDevice};
 pub use mmio::MmioTransport;

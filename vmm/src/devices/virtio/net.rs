@@ -431,3 +431,429 @@ impl VirtioDevice for Net {
         self.acked_features = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::GuestMemoryBackend;
+
+    use super::super::device::{INT_CONFIG, INT_USED_RING};
+    use super::super::mmio::{reg, MmioTransport};
+    use super::super::testutil::*;
+    use super::*;
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    const RX: usize = RX_QUEUE;
+    const TX: usize = TX_QUEUE;
+
+    fn frame(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    /// A transport with an activated card, and its driver.
+    fn up() -> (MmioTransport<Net>, Driver) {
+        let mem = memory();
+        let mut t = MmioTransport::new(Net::new(MAC), mem.clone()).unwrap();
+        let mut d = Driver::new(mem, 2);
+        d.bring_up(&mut t);
+        assert!(t.device().is_activated());
+        (t, d)
+    }
+
+    /// Offers a one-descriptor transmit chain (header + `f`) at descriptor `i`.
+    fn offer_tx(t: &mut MmioTransport<Net>, d: &mut Driver, i: u16, f: &[u8]) {
+        let addr = BUF_BASE + 0x1_0000 * u64::from(i);
+        let mut buf = vec![0u8; NET_HDR_LEN];
+        buf.extend_from_slice(f);
+        d.put(addr, &buf);
+        d.set_desc(TX, i, addr, buf.len() as u32, 0, 0);
+        d.offer(TX, i);
+        w32(t, reg::QUEUE_NOTIFY, TX as u32);
+    }
+
+    /// Offers a one-descriptor receive chain of `len` bytes at descriptor `i`.
+    fn offer_rx(d: &mut Driver, i: u16, len: u32) -> u64 {
+        let addr = BUF_BASE + 0x80_0000 + 0x1_0000 * u64::from(i);
+        d.set_desc(RX, i, addr, len, F_WRITE, 0);
+        d.offer(RX, i);
+        addr
+    }
+
+    #[test]
+    fn identity_features_and_config_space_reads_the_mac() {
+        let mut t = MmioTransport::new(Net::new(MAC), memory()).unwrap();
+        assert_eq!(r32(&mut t, reg::MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r32(&mut t, reg::VERSION), 2);
+        assert_eq!(r32(&mut t, reg::DEVICE_ID), 1);
+        assert_eq!(device_features(&mut t), FEATURES);
+        let mut mac = [0u8; 6];
+        t.read(reg::CONFIG, &mut mac);
+        assert_eq!(mac, MAC);
+        // Byte, word and offset reads, as the Linux driver does them.
+        let mut b = [0u8; 1];
+        t.read(reg::CONFIG + 5, &mut b);
+        assert_eq!(b[0], MAC[5]);
+        let mut w = [0u8; 2];
+        t.read(reg::CONFIG + 6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), VIRTIO_NET_S_LINK_UP as u16);
+        let mut past = [0xaa; 4];
+        t.read(reg::CONFIG + 0x40, &mut past);
+        assert_eq!(past, [0; 4], "beyond the config reads zero");
+        // The MAC is read-only.
+        negotiate(&mut t, FEATURES);
+        t.write(reg::CONFIG, &[0; 6]);
+        t.read(reg::CONFIG, &mut mac);
+        assert_eq!(mac, MAC);
+    }
+
+    #[test]
+    fn features_ok_refused_for_unoffered_features_or_without_version_1() {
+        let mut t = MmioTransport::new(Net::new(MAC), memory()).unwrap();
+        // VIRTIO_NET_F_CSUM (bit 0) is not offered.
+        assert_eq!(negotiate(&mut t, FEATURES | 1) & 8, 0);
+        w32(&mut t, reg::STATUS, 0);
+        assert_eq!(negotiate(&mut t, 1 << VIRTIO_NET_F_MAC) & 8, 0);
+        w32(&mut t, reg::STATUS, 0);
+        assert_eq!(negotiate(&mut t, 1 << VIRTIO_F_VERSION_1) & 8, 8);
+        assert_eq!(t.acked_features(), 1 << VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn tx_chain_split_over_two_descriptors_comes_out_byte_exact() {
+        let (mut t, mut d) = up();
+        let f = frame(100);
+        // Descriptor 0: the header and the first 20 bytes; descriptor 1: the rest.
+        let mut first = vec![0u8; NET_HDR_LEN];
+        first.extend_from_slice(&f[..20]);
+        d.put(BUF_BASE, &first);
+        d.put(BUF_BASE + 0x5000, &f[20..]);
+        d.set_desc(TX, 0, BUF_BASE, first.len() as u32, F_NEXT, 1);
+        d.set_desc(TX, 1, BUF_BASE + 0x5000, 80, 0, 0);
+        d.offer(TX, 0);
+        assert!(!t.take_irq());
+        w32(&mut t, reg::QUEUE_NOTIFY, TX as u32);
+
+        assert!(t.device().has_tx_frames());
+        assert_eq!(t.device_mut().take_tx_frames(), vec![f]);
+        assert!(t.device_mut().take_tx_frames().is_empty());
+        assert_eq!(d.used_idx(TX), 1);
+        assert_eq!(d.used_elem(TX, 0), (0, 0));
+        assert!(t.take_irq());
+        assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), INT_USED_RING);
+        w32(&mut t, reg::INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), 0);
+        assert_eq!(t.device().counters().tx_frames, 1);
+    }
+
+    #[test]
+    fn tx_takes_every_available_chain_and_respects_no_interrupt() {
+        let (mut t, mut d) = up();
+        d.set_avail_flags(TX, VRING_AVAIL_F_NO_INTERRUPT as u16);
+        // Three chains published before one notify.
+        for i in 0..3u16 {
+            let addr = BUF_BASE + 0x1000 * u64::from(i);
+            let mut buf = vec![0u8; NET_HDR_LEN];
+            buf.extend_from_slice(&frame(60 + usize::from(i)));
+            d.put(addr, &buf);
+            d.set_desc(TX, i, addr, buf.len() as u32, 0, 0);
+            d.offer(TX, i);
+        }
+        w32(&mut t, reg::QUEUE_NOTIFY, TX as u32);
+        let frames = t.device_mut().take_tx_frames();
+        assert_eq!(frames, vec![frame(60), frame(61), frame(62)]);
+        assert_eq!(d.used_idx(TX), 3);
+        assert!(!t.take_irq(), "the driver suppressed the interrupt");
+        // Many more chains than the queue holds, in turns: the ring wraps.
+        d.set_avail_flags(TX, 0);
+        for n in 0..(3 * QSIZE) {
+            offer_tx(&mut t, &mut d, n % QSIZE, &frame(64));
+            assert!(t.take_irq());
+        }
+        assert_eq!(
+            t.device_mut().take_tx_frames().len(),
+            3 * usize::from(QSIZE)
+        );
+        assert_eq!(d.used_idx(TX), 3 + 3 * QSIZE);
+    }
+
+    #[test]
+    fn rx_into_two_descriptor_chain_lands_byte_exact_with_header() {
+        let (mut t, mut d) = up();
+        let mem = d.mem.clone();
+        assert!(!t.device().rx_ready());
+        // An 8-byte first buffer splits even the header.
+        d.set_desc(RX, 3, BUF_BASE, 8, F_WRITE | F_NEXT, 7);
+        d.set_desc(RX, 7, BUF_BASE + 0x3000, 2000, F_WRITE, 0);
+        d.offer(RX, 3);
+        assert!(t.device().rx_ready());
+        let f = frame(1514);
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &f).unwrap(),
+            RxResult::Delivered
+        );
+        let mut got = d.get(BUF_BASE, 8);
+        got.extend(d.get(BUF_BASE + 0x3000, NET_HDR_LEN - 8 + f.len()));
+        let mut hdr = [0u8; NET_HDR_LEN];
+        hdr[10] = 1; // num_buffers
+        assert_eq!(&got[..NET_HDR_LEN], &hdr);
+        assert_eq!(&got[NET_HDR_LEN..], &f[..]);
+        assert_eq!(d.used_idx(RX), 1);
+        assert_eq!(d.used_elem(RX, 0), (3, (NET_HDR_LEN + f.len()) as u32));
+        assert!(t.take_irq());
+        assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), INT_USED_RING);
+        assert!(!t.device().rx_ready());
+        assert_eq!(t.device().counters().rx_frames, 1);
+    }
+
+    #[test]
+    fn rx_writes_are_seen_by_the_dirty_bitmap() {
+        let (mut t, mut d) = up();
+        let mem = d.mem.clone();
+        let addr = offer_rx(&mut d, 0, 2048);
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        // The region's own bitmap (the machine reads it the same way for its digests).
+        let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+        let bitmap = mapping.bitmap();
+        bitmap.reset();
+        t.device_mut().deliver_rx(&mem, &frame(100)).unwrap();
+        assert!(bitmap.dirty_at(addr as usize), "frame page");
+        let used = Driver::used_ring(RX) as usize;
+        assert!(bitmap.dirty_at(used), "used ring page");
+        assert!(!bitmap.dirty_at(addr as usize + 0x10_0000));
+    }
+
+    #[test]
+    fn rx_without_buffers_is_no_buffer_then_delivers_once_offered() {
+        let (mut t, mut d) = up();
+        let mem = d.mem.clone();
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(60)).unwrap(),
+            RxResult::NoBuffer
+        );
+        assert!(!t.take_irq());
+        assert_eq!(d.used_idx(RX), 0);
+        offer_rx(&mut d, 0, 2048);
+        w32(&mut t, reg::QUEUE_NOTIFY, RX as u32);
+        assert!(
+            !t.take_irq(),
+            "a notify of the rx queue does nothing by itself"
+        );
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(60)).unwrap(),
+            RxResult::Delivered
+        );
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(60)).unwrap(),
+            RxResult::NoBuffer
+        );
+    }
+
+    #[test]
+    fn rx_refuses_bad_frames_and_small_buffers_without_consuming() {
+        let (mut t, mut d) = up();
+        let mem = d.mem.clone();
+        offer_rx(&mut d, 0, 100);
+        let too_big = vec![0u8; MAX_FRAME_LEN + 1];
+        assert!(matches!(
+            t.device_mut().deliver_rx(&mem, &too_big),
+            Err(NetError::FrameTooLarge(_))
+        ));
+        assert!(matches!(
+            t.device_mut().deliver_rx(&mem, &[]),
+            Err(NetError::EmptyFrame)
+        ));
+        let err = t.device_mut().deliver_rx(&mem, &frame(200)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NetError::RxBufferTooSmall {
+                    need: 212,
+                    have: 100
+                }
+            ),
+            "{err}"
+        );
+        assert!(t.device().rx_ready(), "the buffer is still available");
+        assert_eq!(d.used_idx(RX), 0);
+        assert!(!t.take_irq());
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(88)).unwrap(),
+            RxResult::Delivered
+        );
+        assert_eq!(d.used_elem(RX, 0), (0, 100));
+    }
+
+    #[test]
+    fn malformed_tx_chains_are_returned_empty_and_the_device_keeps_working() {
+        let (mut t, mut d) = up();
+        let end_of_memory = 64 << 20;
+        // 0: a buffer beyond guest memory.
+        d.set_desc(TX, 0, end_of_memory - 8, 64, 0, 0);
+        // 1 -> 2 -> 1: a loop.
+        d.put(BUF_BASE, &[0u8; 64]);
+        d.set_desc(TX, 1, BUF_BASE, 32, F_NEXT, 2);
+        d.set_desc(TX, 2, BUF_BASE, 32, F_NEXT, 1);
+        // 3 -> 999: next index out of range.
+        d.set_desc(TX, 3, BUF_BASE, 32, F_NEXT, 999);
+        // 4: device-writable where the device must only read.
+        d.set_desc(TX, 4, BUF_BASE, 32, F_WRITE, 0);
+        // 5: longer than any frame.
+        d.set_desc(
+            TX,
+            5,
+            BUF_BASE,
+            (NET_HDR_LEN + MAX_FRAME_LEN + 1) as u32,
+            0,
+            0,
+        );
+        // 6: only a header, no frame.
+        d.set_desc(TX, 6, BUF_BASE, NET_HDR_LEN as u32, 0, 0);
+        for head in 0..7 {
+            d.offer(TX, head);
+        }
+        // A head beyond the queue: cannot even be returned.
+        d.offer(TX, 500);
+        w32(&mut t, reg::QUEUE_NOTIFY, TX as u32);
+        assert!(t.device_mut().take_tx_frames().is_empty());
+        assert_eq!(t.device().counters().tx_bad_chains, 8);
+        assert_eq!(d.used_idx(TX), 7);
+        for n in 0..7 {
+            assert_eq!(d.used_elem(TX, n), (u32::from(n), 0));
+        }
+        assert!(t.take_irq());
+        // And a good frame after all that.
+        offer_tx(&mut t, &mut d, 8, &frame(70));
+        assert_eq!(t.device_mut().take_tx_frames(), vec![frame(70)]);
+        assert_eq!(d.used_idx(TX), 8);
+    }
+
+    #[test]
+    fn malformed_rx_chains_are_skipped_and_the_frame_lands_in_the_next_good_one() {
+        let (mut t, mut d) = up();
+        let mem = d.mem.clone();
+        // 0: device-readable buffer in the receive queue.
+        d.set_desc(RX, 0, BUF_BASE, 2048, 0, 0);
+        // 1: beyond guest memory.
+        d.set_desc(RX, 1, 1 << 40, 2048, F_WRITE, 0);
+        // 2 -> 2: a loop.
+        d.set_desc(RX, 2, BUF_BASE, 2048, F_WRITE | F_NEXT, 2);
+        // 3 -> 16: next index just past the queue.
+        d.set_desc(RX, 3, BUF_BASE, 2048, F_WRITE | F_NEXT, QSIZE);
+        for head in 0..4 {
+            d.offer(RX, head);
+        }
+        let good = offer_rx(&mut d, 4, 2048);
+        let f = frame(300);
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &f).unwrap(),
+            RxResult::Delivered
+        );
+        assert_eq!(t.device().counters().rx_bad_chains, 4);
+        assert_eq!(d.used_idx(RX), 5);
+        for n in 0..4 {
+            assert_eq!(d.used_elem(RX, n), (u32::from(n), 0));
+        }
+        assert_eq!(d.used_elem(RX, 4), (4, 312));
+        assert_eq!(d.get(good + NET_HDR_LEN as u64, f.len()), f);
+        assert!(t.take_irq());
+        // Only bad chains: all returned, then NoBuffer.
+        d.set_desc(RX, 5, 1 << 40, 2048, F_WRITE, 0);
+        d.offer(RX, 5);
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &f).unwrap(),
+            RxResult::NoBuffer
+        );
+        assert_eq!(d.used_idx(RX), 6);
+        assert!(t.take_irq(), "the returned chain is signalled");
+    }
+
+    #[test]
+    fn inactive_device_ignores_notifies_and_frames() {
+        let mem = memory();
+        let mut t = MmioTransport::new(Net::new(MAC), mem.clone()).unwrap();
+        let mut d = Driver::new(mem.clone(), 2);
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(60)).unwrap(),
+            RxResult::NotActivated
+        );
+        assert!(!t.device().rx_ready());
+        // Queues set up and a chain offered, but no DRIVER_OK.
+        negotiate(&mut t, FEATURES);
+        d.setup_queues(&mut t);
+        let mut buf = vec![0u8; NET_HDR_LEN];
+        buf.extend_from_slice(&frame(60));
+        d.put(BUF_BASE, &buf);
+        d.set_desc(TX, 0, BUF_BASE, buf.len() as u32, 0, 0);
+        d.offer(TX, 0);
+        w32(&mut t, reg::QUEUE_NOTIFY, TX as u32);
+        assert!(!t.device().has_tx_frames());
+        assert_eq!(d.used_idx(TX), 0);
+        assert!(!t.take_irq());
+        // DRIVER_OK: the chain offered earlier goes out at the next notify.
+        w32(&mut t, reg::STATUS, 1 | 2 | 8 | 4);
+        w32(&mut t, reg::QUEUE_NOTIFY, TX as u32);
+        assert_eq!(t.device_mut().take_tx_frames(), vec![frame(60)]);
+    }
+
+    #[test]
+    fn reset_clears_state_and_the_device_comes_back() {
+        let (mut t, mut d) = up();
+        let mem = d.mem.clone();
+        offer_tx(&mut t, &mut d, 0, &frame(60));
+        offer_rx(&mut d, 0, 2048);
+        assert!(t.take_irq());
+        assert_ne!(r32(&mut t, reg::INTERRUPT_STATUS), 0);
+
+        w32(&mut t, reg::STATUS, 0);
+        assert_eq!(r32(&mut t, reg::STATUS), 0);
+        assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), 0);
+        assert_eq!(t.acked_features(), 0);
+        for q in 0..2 {
+            w32(&mut t, reg::QUEUE_SEL, q);
+            assert_eq!(r32(&mut t, reg::QUEUE_READY), 0);
+        }
+        assert!(!t.device().is_activated());
+        assert!(!t.device().rx_ready());
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(60)).unwrap(),
+            RxResult::NotActivated
+        );
+        w32(&mut t, reg::QUEUE_NOTIFY, TX as u32);
+        assert!(!t.take_irq());
+        // Frames the guest completed before the reset are still the owner's.
+        assert_eq!(t.device_mut().take_tx_frames(), vec![frame(60)]);
+
+        // A fresh bring-up on fresh rings works from index 0 again.
+        d.bring_up(&mut t);
+        offer_tx(&mut t, &mut d, 0, &frame(61));
+        assert_eq!(t.device_mut().take_tx_frames(), vec![frame(61)]);
+        assert_eq!(d.used_idx(TX), 1);
+        offer_rx(&mut d, 0, 2048);
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(62)).unwrap(),
+            RxResult::Delivered
+        );
+    }
+
+    #[test]
+    fn driver_ok_with_rings_outside_memory_sets_needs_reset() {
+        let mem = memory();
+        let mut t = MmioTransport::new(Net::new(MAC), mem.clone()).unwrap();
+        let mut d = Driver::new(mem, 2);
+        negotiate(&mut t, FEATURES);
+        d.setup_queues(&mut t);
+        w32(&mut t, reg::QUEUE_SEL, 1);
+        w32(&mut t, reg::QUEUE_READY, 0);
+        w32(&mut t, reg::QUEUE_USED_HIGH, 0x10);
+        w32(&mut t, reg::QUEUE_READY, 1);
+        w32(&mut t, reg::STATUS, 1 | 2 | 8 | 4);
+        assert_eq!(r32(&mut t, reg::STATUS) & 0x40, 0x40, "DEVICE_NEEDS_RESET");
+        assert!(!t.device().is_activated());
+        assert!(t.take_irq());
+        assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), INT_CONFIG);
+        // A reset and a correct bring-up recover.
+        w32(&mut t, reg::STATUS, 0);
+        d.bring_up(&mut t);
+        assert!(t.device().is_activated());
+    }
+}
