@@ -187,3 +187,112 @@ where
         Some(_) => Ok(buffers),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+    use super::super::testutil::*;
+    use super::*;
+
+    /// A ready queue of size `QSIZE` on the driver's queue 0 rings.
+    fn queue(d: &Driver) -> Queue {
+        d.put(Driver::desc_table(0), &[0u8; 0x3000]);
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_desc_table_address(Some(Driver::desc_table(0) as u32), Some(0));
+        q.set_avail_ring_address(Some(Driver::avail_ring(0) as u32), Some(0));
+        q.set_used_ring_address(Some(Driver::used_ring(0) as u32), Some(0));
+        q.set_ready(true);
+        q
+    }
+
+    /// Offers `head` and walks it.
+    fn offer_and_walk(
+        d: &mut Driver,
+        q: &mut Queue,
+        head: u16,
+        dir: Direction,
+        max: usize,
+    ) -> Result<Vec<Buffer>, ChainError> {
+        d.offer(0, head);
+        let mem = d.mem.clone();
+        let chain = q.iter(&mem).unwrap().next().unwrap();
+        walk(&mem, chain, QSIZE, dir, max)
+    }
+
+    #[test]
+    fn every_kind_of_bad_chain_is_named() {
+        let mut d = Driver::new(memory(), 1);
+        let mut q = queue(&d);
+        let reads = Direction::DeviceReads;
+        d.set_desc(0, 0, BUF_BASE, 10, F_NEXT, 1);
+        d.set_desc(0, 1, BUF_BASE + 0x100, 0, F_NEXT, 2);
+        d.set_desc(0, 2, BUF_BASE + 0x200, 30, 0, 0);
+        assert_eq!(
+            offer_and_walk(&mut d, &mut q, 0, reads, 1000).unwrap(),
+            vec![
+                Buffer {
+                    addr: GuestAddress(BUF_BASE),
+                    len: 10
+                },
+                Buffer {
+                    addr: GuestAddress(BUF_BASE + 0x200),
+                    len: 30
+                },
+            ],
+            "zero-length buffers are dropped"
+        );
+        assert_eq!(
+            offer_and_walk(&mut d, &mut q, 0, reads, 39),
+            Err(ChainError::TooLong { head: 0, max: 39 })
+        );
+        assert!(matches!(
+            offer_and_walk(&mut d, &mut q, 0, Direction::DeviceWrites, 1000),
+            Err(ChainError::Direction { index: 0, .. })
+        ));
+        d.set_desc(0, 3, BUF_BASE, 10, F_NEXT, 4);
+        d.set_desc(0, 4, BUF_BASE, 10, F_NEXT, 3);
+        assert_eq!(
+            offer_and_walk(&mut d, &mut q, 3, reads, usize::MAX),
+            Err(ChainError::Loop {
+                head: 3,
+                queue_size: QSIZE
+            })
+        );
+        d.set_desc(0, 5, BUF_BASE, 10, F_NEXT, QSIZE);
+        assert_eq!(
+            offer_and_walk(&mut d, &mut q, 5, reads, usize::MAX),
+            Err(ChainError::NextOutOfRange {
+                head: 5,
+                index: 0,
+                next: QSIZE,
+                queue_size: QSIZE
+            })
+        );
+        d.set_desc(0, 6, (64 << 20) - 4, 8, 0, 0);
+        assert_eq!(
+            offer_and_walk(&mut d, &mut q, 6, reads, usize::MAX),
+            Err(ChainError::OutOfMemory {
+                head: 6,
+                addr: (64 << 20) - 4,
+                len: 8
+            })
+        );
+        d.set_desc(0, 7, u64::MAX - 2, 8, 0, 0);
+        assert!(matches!(
+            offer_and_walk(&mut d, &mut q, 7, reads, usize::MAX),
+            Err(ChainError::OutOfMemory { head: 7, .. })
+        ));
+        assert_eq!(
+            offer_and_walk(&mut d, &mut q, QSIZE + 3, reads, usize::MAX),
+            Err(ChainError::BadHead {
+                head: QSIZE + 3,
+                queue_size: QSIZE
+            })
+        );
+        // Two descriptors whose lengths overflow 32 bits together: the iterator stops.
+        d.set_desc(0, 8, BUF_BASE, u32::MAX, F_NEXT, 9);
+        d.set_desc(0, 9, BUF_BASE, 2, 0, 0);
+        assert!(offer_and_walk(&mut d, &mut q, 8, reads, usize::MAX).is_err());
+    }
+}

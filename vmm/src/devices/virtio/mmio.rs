@@ -446,3 +446,116 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::device::INT_CONFIG;
+    use super::super::net::{Net, FEATURES};
+    use super::super::testutil::*;
+    use super::*;
+
+    fn transport() -> MmioTransport<Net> {
+        MmioTransport::new(Net::new([2, 0, 0, 0, 0, 1]), memory()).unwrap()
+    }
+
+    #[test]
+    fn identity_registers() {
+        let mut t = transport();
+        assert_eq!(r32(&mut t, reg::MAGIC_VALUE), MAGIC_VALUE);
+        assert_eq!(r32(&mut t, reg::VERSION), 2);
+        assert_eq!(r32(&mut t, reg::DEVICE_ID), 1);
+        assert_eq!(r32(&mut t, reg::VENDOR_ID), VENDOR_ID);
+        assert_eq!(r32(&mut t, reg::CONFIG_GENERATION), 0);
+        assert_eq!(r32(&mut t, reg::SHM_LEN_LOW), u32::MAX, "no shared memory");
+        assert_eq!(
+            cmdline_param(0xd000_0000, 5),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
+    }
+
+    #[test]
+    fn registers_need_aligned_32_bit_accesses() {
+        let mut t = transport();
+        let mut two = [0xaa; 2];
+        t.read(reg::MAGIC_VALUE, &mut two);
+        assert_eq!(two, [0, 0]);
+        let mut four = [0xaa; 4];
+        t.read(reg::MAGIC_VALUE + 1, &mut four);
+        assert_eq!(four, [0; 4]);
+        t.write(reg::STATUS, &[1]);
+        assert_eq!(r32(&mut t, reg::STATUS), 0);
+        t.write(reg::STATUS + 2, &1u32.to_le_bytes());
+        assert_eq!(r32(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn queue_registers_only_between_features_ok_and_driver_ok() {
+        let mut t = transport();
+        w32(&mut t, reg::QUEUE_SEL, 0);
+        assert_eq!(r32(&mut t, reg::QUEUE_NUM_MAX), 256);
+        w32(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(r32(&mut t, reg::QUEUE_READY), 0, "before FEATURES_OK");
+        w32(&mut t, reg::QUEUE_SEL, 2);
+        assert_eq!(r32(&mut t, reg::QUEUE_NUM_MAX), 0, "no queue 2");
+        assert_eq!(negotiate(&mut t, FEATURES) & 8, 8);
+        w32(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(r32(&mut t, reg::QUEUE_READY), 0, "absent queue");
+        // Invalid sizes are refused with a warning, never a panic.
+        w32(&mut t, reg::QUEUE_SEL, 0);
+        w32(&mut t, reg::QUEUE_NUM, 3);
+        w32(&mut t, reg::QUEUE_NUM, 512);
+        // Driver features are frozen after FEATURES_OK.
+        w32(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        w32(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(t.acked_features(), FEATURES);
+        let mut d = Driver::new(t.mem.clone(), 2);
+        d.setup_queues(&mut t);
+        w32(&mut t, reg::STATUS, 1 | 2 | 8 | 4);
+        assert!(t.device().is_activated());
+        // After DRIVER_OK the queue registers are frozen too.
+        w32(&mut t, reg::QUEUE_SEL, 0);
+        w32(&mut t, reg::QUEUE_READY, 0);
+        assert_eq!(r32(&mut t, reg::QUEUE_READY), 1);
+        // A notify of an absent queue is ignored.
+        w32(&mut t, reg::QUEUE_NOTIFY, 7);
+        assert!(!t.take_irq());
+    }
+
+    #[test]
+    fn status_transitions_are_checked() {
+        let mut t = transport();
+        // FEATURES_OK before ACKNOWLEDGE | DRIVER does not stick.
+        w32(&mut t, reg::STATUS, 8);
+        assert_eq!(r32(&mut t, reg::STATUS), 0);
+        w32(&mut t, reg::STATUS, 1 | 2);
+        // DRIVER_OK without FEATURES_OK does not stick.
+        w32(&mut t, reg::STATUS, 1 | 2 | 4);
+        assert_eq!(r32(&mut t, reg::STATUS), 1 | 2);
+        assert!(!t.device().is_activated());
+        // Clearing a bit needs a reset.
+        w32(&mut t, reg::STATUS, 1);
+        assert_eq!(r32(&mut t, reg::STATUS), 1 | 2);
+        // FAILED sticks; features can no longer be accepted.
+        w32(&mut t, reg::STATUS, 1 | 2 | 0x80);
+        w32(&mut t, reg::STATUS, 1 | 2 | 0x80 | 8);
+        assert_eq!(r32(&mut t, reg::STATUS), 1 | 2 | 0x80);
+        w32(&mut t, reg::STATUS, 0);
+        assert_eq!(r32(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn config_change_bumps_generation_and_interrupts_only_a_live_driver() {
+        let mut t = transport();
+        t.config_changed();
+        assert_eq!(r32(&mut t, reg::CONFIG_GENERATION), 1);
+        assert!(!t.take_irq());
+        let mut d = Driver::new(t.mem.clone(), 2);
+        d.bring_up(&mut t);
+        t.config_changed();
+        assert_eq!(r32(&mut t, reg::CONFIG_GENERATION), 2);
+        assert!(t.take_irq());
+        assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), INT_CONFIG);
+        w32(&mut t, reg::INTERRUPT_ACK, INT_CONFIG);
+        assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+}
