@@ -151,3 +151,14 @@ mod tests {
         assert!(!i.take_irq());
     }
 }
+
+#[cfg(test)]
+mod send_tests {
+    /// The machine may move its devices to the vCPU thread.
+    #[test]
+    fn transport_and_tap_are_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<super::super::MmioTransport<super::super::Net>>();
+        assert_send::<crate::tap::Tap>();
+    }
+}
