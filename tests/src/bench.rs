@@ -1,0 +1,499 @@
+//! Helpers for the benchmark binaries (`bench-boot`, `bench-rr`): option parsing, timing a
+//! `twinvm` process to the millisecond, reading its `--stats` JSON and its memory from
+//! `/proc`, and printing figures as median / min / max tables.
+//!
+//! Benchmarks never assert timings; they print figures. They fail (exit non-zero) only when
+//! the thing measured did not work: a guest that did not boot, a VMM that did not exit
+//! cleanly, a replay that did not match its recording.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::Vm;
+
+/// The error type of the benchmarks: a message for the user.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Result of a benchmark step.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How often a running guest's console and process state are polled. The figures measured
+/// are tens of seconds, so this is well below their noise.
+const POLL: Duration = Duration::from_millis(5);
+
+/// The options every benchmark takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Repetitions of each measurement.
+    pub runs: usize,
+    /// Host CPU to pin the vCPU thread to (`twinvm --cpu`), if any.
+    pub cpu: Option<usize>,
+    /// Extra `name value` options the benchmark declared, in the order given.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Options {
+    /// The value of an extra option, if it was given.
+    pub fn extra(&self, name: &str) -> Option<&str> {
+        self.extra
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses `--runs N`, `--cpu N|none` and the benchmark's own `extra` options (each takes one
+/// value) from the command line. `--help` prints `usage` and exits 0; anything unknown is an
+/// error that names it.
+pub fn parse_options(
+    default_runs: usize,
+    default_cpu: Option<usize>,
+    extra: &[&str],
+    usage: &str,
+) -> Result<Options> {
+    parse_options_from(
+        std::env::args().skip(1),
+        default_runs,
+        default_cpu,
+        extra,
+        usage,
+    )
+}
+
+fn parse_options_from(
+    args: impl IntoIterator<Item = String>,
+    default_runs: usize,
+    default_cpu: Option<usize>,
+    extra: &[&str],
+    usage: &str,
+) -> Result<Options> {
+    let mut opts = Options {
+        runs: default_runs,
+        cpu: default_cpu,
+        extra: Vec::new(),
+    };
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        // Both `--name value` and `--name=value`.
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if name == "--help" || name == "-h" {
+            print!("{usage}");
+            std::process::exit(0);
+        }
+        let known = name == "--runs" || name == "--cpu" || extra.contains(&name.as_str());
+        if !known {
+            return Err(format!("unknown option {arg:?}\n\n{usage}").into());
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .ok_or_else(|| format!("{name} needs a value\n\n{usage}"))?,
+        };
+        match name.as_str() {
+            "--runs" => {
+                opts.runs = value
+                    .parse()
+                    .ok()
+                    .filter(|&n: &usize| n > 0)
+                    .ok_or_else(|| format!("--runs wants a positive number, not {value:?}"))?;
+            }
+            "--cpu" => {
+                opts.cpu = if value == "none" {
+                    None
+                } else {
+                    Some(value.parse().map_err(|_| {
+                        format!("--cpu wants a host CPU number or `none`, not {value:?}")
+                    })?)
+                };
+            }
+            _ => opts.extra.push((name, value)),
+        }
+    }
+    Ok(opts)
+}
+
+/// A scratch directory, removed with everything in it when dropped.
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates `$TMPDIR/twinvm-<name>-<pid>`.
+    pub fn new(name: &str) -> Result<ScratchDir> {
+        let path = std::env::temp_dir().join(format!("twinvm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        Ok(ScratchDir { path })
+    }
+
+    /// `dir/name`.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Whether process `pid` (our child) has exited: it is then a zombie until reaped, or gone.
+pub fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            Some("Z") | Some("X") | None
+        ),
+        Err(_) => true,
+    }
+}
+
+/// A `twinvm` process under measurement, with the instant it was started.
+pub struct Timed {
+    /// The process (killed when dropped).
+    pub vm: Vm,
+    /// Just before the process was spawned.
+    pub t0: Instant,
+}
+
+impl Timed {
+    /// Spawns `twinvm args`, noting the time first.
+    pub fn spawn(args: &[&str]) -> Timed {
+        let t0 = Instant::now();
+        let vm = Vm::spawn(args);
+        Timed { vm, t0 }
+    }
+
+    /// Seconds since spawn.
+    pub fn since_start(&self, at: Instant) -> f64 {
+        at.duration_since(self.t0).as_secs_f64()
+    }
+
+    fn failure(&self, what: String) -> Error {
+        format!(
+            "{what}\n--- console (last 3000 bytes) ---\n{}\n--- stderr ---\n{}",
+            tail(&self.vm.console(), 3000),
+            self.vm.stderr()
+        )
+        .into()
+    }
+
+    /// Polls the console until `last` appears, noting when each of `marks` (and `last`)
+    /// first appeared, in seconds since spawn; a mark that never appears is `None`. Returns
+    /// the console offset just past `last` and the times of the marks (in order) then `last`.
+    pub fn watch(
+        &mut self,
+        marks: &[&str],
+        last: &str,
+        timeout: Duration,
+    ) -> Result<(usize, Vec<Option<f64>>)> {
+        let mut seen: Vec<Option<f64>> = vec![None; marks.len() + 1];
+        let deadline = self.t0 + timeout;
+        loop {
+            let now = Instant::now();
+            let console = self.vm.console();
+            for (i, m) in marks.iter().enumerate() {
+                if seen[i].is_none() && console.contains(m) {
+                    seen[i] = Some(self.since_start(now));
+                }
+            }
+            if let Some(i) = console.find(last) {
+                seen[marks.len()] = Some(self.since_start(now));
+                return Ok((i + last.len(), seen));
+            }
+            if has_exited(self.vm.pid) {
+                return Err(self.failure(format!("twinvm exited before printing {last:?}")));
+            }
+            if now > deadline {
+                return Err(self.failure(format!("no {last:?} on the console after {timeout:?}")));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits for the process to exit; returns its wall time since spawn in seconds and its
+    /// exit code (`None` if killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(f64, Option<i32>)> {
+        let deadline = Instant::now() + timeout;
+        let end = loop {
+            let now = Instant::now();
+            if has_exited(self.vm.pid) {
+                break now;
+            }
+            if now > deadline {
+                return Err(self.failure(format!("twinvm did not exit within {timeout:?}")));
+            }
+            std::thread::sleep(POLL);
+        };
+        let status = self.vm.wait_exit(Duration::from_secs(10));
+        Ok((self.since_start(end), status.code()))
+    }
+
+    /// [`Timed::wait_exit`], and an error unless the exit status was 0 (guest powered off).
+    pub fn wait_poweroff(&mut self, what: &str, timeout: Duration) -> Result<f64> {
+        let (wall, code) = self.wait_exit(timeout)?;
+        if code != Some(0) {
+            return Err(self.failure(format!(
+                "{what}: twinvm exited with status {code:?}, not 0 (guest powered off)"
+            )));
+        }
+        Ok(wall)
+    }
+}
+
+/// The last `n` bytes of `s` (at a character boundary).
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut i = s.len().saturating_sub(n);
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// The JSON object `twinvm --stats FILE` writes when the guest ends.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    json: serde_json::Value,
+    path: PathBuf,
+}
+
+impl Stats {
+    /// Reads and parses a stats file.
+    pub fn read(path: &Path) -> Result<Stats> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading stats {}: {e}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("parsing stats {}: {e}", path.display()))?;
+        if !json.is_object() {
+            return Err(format!("stats {} is not a JSON object", path.display()).into());
+        }
+        Ok(Stats {
+            json,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A numeric field.
+    pub fn f(&self, key: &str) -> Result<f64> {
+        self.json
+            .get(key)
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| format!("stats {} have no number {key:?}", self.path.display()).into())
+    }
+
+    /// A string field.
+    pub fn s(&self, key: &str) -> Result<String> {
+        self.json
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| format!("stats {} have no string {key:?}", self.path.display()).into())
+    }
+}
+
+/// `(VmHWM, VmRSS)` of a process in KiB, from /proc/PID/status.
+pub fn vm_hwm_rss(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {name} in /proc/{pid}/status").into())
+    };
+    Ok((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// Median, minimum and maximum of `v` (NaN for an empty slice).
+pub fn summary(v: &[f64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (median, s[0], s[n - 1])
+}
+
+/// A table of figures, one row per figure: its median, min and max over the runs.
+#[derive(Debug, Default)]
+pub struct Table {
+    rows: Vec<Row>,
+}
+
+#[derive(Debug)]
+enum Row {
+    Figure {
+        label: String,
+        values: Vec<f64>,
+        unit: String,
+        decimals: usize,
+    },
+    Heading(String),
+}
+
+impl Table {
+    /// An empty table.
+    pub fn new() -> Table {
+        Table::default()
+    }
+
+    /// Adds a figure measured once per run.
+    pub fn row(&mut self, label: &str, values: Vec<f64>, unit: &str, decimals: usize) {
+        self.rows.push(Row::Figure {
+            label: label.to_string(),
+            values,
+            unit: unit.to_string(),
+            decimals,
+        });
+    }
+
+    /// Adds a sub-heading.
+    pub fn heading(&mut self, text: &str) {
+        self.rows.push(Row::Heading(text.to_string()));
+    }
+
+    /// The table as text.
+    pub fn render(&self) -> String {
+        let width = self
+            .rows
+            .iter()
+            .map(|r| match r {
+                Row::Figure { label, .. } => label.len(),
+                Row::Heading(_) => 0,
+            })
+            .max()
+            .unwrap_or(0)
+            .max(6);
+        let num = |x: f64, d: usize| {
+            if x.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{x:.d$}")
+            }
+        };
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {:>12}  {:>12}  {:>12}  unit",
+            "figure", "median", "min", "max"
+        );
+        for r in &self.rows {
+            match r {
+                Row::Heading(h) => {
+                    let _ = writeln!(out, "  -- {h}");
+                }
+                Row::Figure {
+                    label,
+                    values,
+                    unit,
+                    decimals,
+                } => {
+                    let (med, min, max) = summary(values);
+                    let line = format!(
+                        "  {label:<width$}  {:>12}  {:>12}  {:>12}  {unit}",
+                        num(med, *decimals),
+                        num(min, *decimals),
+                        num(max, *decimals)
+                    );
+                    let _ = writeln!(out, "{}", line.trim_end());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A one-line description of the host, for the header of a benchmark's output.
+pub fn host_line() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().take(3).collect();
+            (f.len() == 3).then(|| f.join(" "))
+        })
+        .unwrap_or_else(|| "?".to_string());
+    let kvm = ["kvm_pvm", "kvm_intel", "kvm_amd"]
+        .iter()
+        .find(|m| Path::new(&format!("/sys/module/{m}")).exists())
+        .copied()
+        .unwrap_or("unknown");
+    format!("host: {cpus} CPUs, KVM module {kvm}, load average {load} at start")
+}
+
+/// Runs `body`; on error prints it and returns a failing exit code. The processes a failed
+/// benchmark started are killed as their handles drop while the error propagates.
+pub fn main_with(name: &str, body: impl FnOnce() -> Result<()>) -> std::process::ExitCode {
+    match body() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: FAILED: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn summary_of_odd_even_and_empty() {
+        assert_eq!(summary(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(summary(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert!(summary(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn options_parse() {
+        let o = parse_options_from(
+            args(&["--runs", "5", "--cpu=none", "--rounds", "3"]),
+            2,
+            Some(1),
+            &["--rounds"],
+            "",
+        )
+        .unwrap();
+        assert_eq!(o.runs, 5);
+        assert_eq!(o.cpu, None);
+        assert_eq!(o.extra("--rounds"), Some("3"));
+        assert!(parse_options_from(args(&["--runs", "0"]), 2, None, &[], "").is_err());
+        assert!(parse_options_from(args(&["--bogus"]), 2, None, &[], "").is_err());
+        assert!(parse_options_from(args(&["--runs"]), 2, None, &[], "").is_err());
+    }
+
+    #[test]
+    fn tail_respects_char_boundaries() {
+        assert_eq!(tail("abcdef", 3), "def");
+        assert_eq!(tail("ab", 10), "ab");
+        assert_eq!(tail("aé", 1), "");
+    }
+
+    #[test]
+    fn own_process_is_running() {
+        assert!(!has_exited(std::process::id()));
+    }
+}
