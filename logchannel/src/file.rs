@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::entry::{Entry, LogHeader, Position};
 use crate::error::{LogError, Record};
@@ -265,7 +265,7 @@ impl<R: Read> Iterator for LogReader<R> {
                 None
             }
             Err(e) => {
-                warn!(log = %self.name, error = %e, "damaged log");
+                debug!(log = %self.name, error = %e, "damaged log");
                 self.done = true;
                 Some(Err(e))
             }

@@ -395,6 +395,10 @@ pub struct Machine {
     step_budget: u64,
     /// The instruction being stepped is a `pushf`.
     stepping_pushf: bool,
+    /// A running hash of every console byte the guest wrote, and their count: part of every
+    /// digest, so a replay whose output strays is caught even if its memory converges.
+    console_hash: u64,
+    console_bytes: u64,
 }
 
 impl std::fmt::Debug for Machine {
@@ -470,6 +474,8 @@ impl Machine {
             stepping: false,
             step_budget: MAX_STEPS,
             stepping_pushf: false,
+            console_hash: 0,
+            console_bytes: 0,
         })
     }
 
@@ -674,6 +680,9 @@ impl Machine {
     fn flush_console(&mut self) {
         if self.devices.serial.has_output() {
             let bytes = self.devices.serial.take_output();
+            self.console_hash =
+                hash_bytes(&[&self.console_hash.to_le_bytes()[..], &bytes].concat());
+            self.console_bytes += bytes.len() as u64;
             if let Err(e) = self
                 .console_out
                 .write_all(&bytes)
@@ -828,10 +837,16 @@ impl Machine {
     /// Takes a state digest at `pos` (recording), or checks the logged one (replay).
     fn digest_now(&mut self, pos: u64) -> Result<(), MachineError> {
         let t0 = Instant::now();
+        // Output not yet taken from the UART counts as written.
+        self.flush_console();
         let (vcpu, vm, mem) = (&self.vcpu, &self.vm, &self.mem);
+        let console = [
+            ("console_bytes", self.console_bytes),
+            ("console_hash", self.console_hash),
+        ];
         let mut pages = 0u64;
         self.mode.digest(pos, || {
-            let d = state_digest(vcpu, vm, mem, pos)?;
+            let d = state_digest(vcpu, vm, mem, pos, &console)?;
             pages = d.pages.len() as u64;
             Ok(d)
         })?;
@@ -900,20 +915,26 @@ impl Machine {
     /// Whether the `iret` about to run returns to user mode: the CS it pops (at RSP + 8) has
     /// a non-zero privilege level. When the frame cannot be read, assume it does.
     fn iret_goes_to_user(&self) -> Result<bool, MachineError> {
-        let rsp = self.vcpu.get_regs().map(|r| r.rsp).map_err(|source| VstateError::Ioctl {
-            what: "read registers",
-            source,
-        })?;
+        let rsp = self
+            .vcpu
+            .get_regs()
+            .map(|r| r.rsp)
+            .map_err(|source| VstateError::Ioctl {
+                what: "read registers",
+                source,
+            })?;
         let Ok(t) = self.vcpu.translate_gva(rsp.wrapping_add(8)) else {
             return Ok(true);
         };
         if t.valid == 0 {
             return Ok(true);
         }
-        Ok(match self.mem.read_obj::<u64>(GuestAddress(t.physical_address)) {
-            Ok(cs) => cs & 3 != 0,
-            Err(_) => true,
-        })
+        Ok(
+            match self.mem.read_obj::<u64>(GuestAddress(t.physical_address)) {
+                Ok(cs) => cs & 3 != 0,
+                Err(_) => true,
+            },
+        )
     }
 
     /// Reads the first bytes of the instruction at the guest's RIP (kernel mode only).
@@ -1029,12 +1050,13 @@ const PAGE_SIZE: u64 = 4096;
 
 /// The vCPU's registers, a hash of its FPU/SSE state, and a hash of every page dirtied since
 /// the last digest (KVM's dirty log, which also resets it, together with the pages the VMM
-/// wrote itself).
+/// wrote itself). `extra` adds named values of the VMM's own (the console output hash).
 pub fn state_digest(
     vcpu: &VcpuFd,
     vm: &VmFd,
     mem: &GuestMemory,
     pos: u64,
+    extra: &[(&str, u64)],
 ) -> Result<Digest, RrError> {
     let kvm_err = |what: &str, e: kvm_ioctls::Error| RrError::Kvm(format!("{what}: {e}"));
     let r = vcpu
@@ -1083,6 +1105,7 @@ pub fn state_digest(
         ("tr_base", s.tr.base),
     ]
     .into_iter()
+    .chain(extra.iter().copied())
     .map(|(n, v)| (n.to_string(), v))
     .collect();
     regs.sort();

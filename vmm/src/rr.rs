@@ -27,7 +27,7 @@ use logchannel::file::{LogReader, LogWriter};
 #[derive(Debug, thiserror::Error)]
 pub enum RrError {
     /// Reading or writing the log failed (the error names the byte offset and entry).
-    #[error("log: {0}")]
+    #[error(transparent)]
     Log(#[from] LogError),
     /// The replaying guest did something other than the recorded one.
     #[error("replay diverged at position {pos}, log entry {entry}: {what}")]
