@@ -153,6 +153,31 @@ impl Vm {
         }
     }
 
+    /// Waits until the VMM's standard error contains `needle`; returns the rest of the line
+    /// after it. Panics after `timeout` or if the process exits first.
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let err = self.stderr();
+            if let Some(i) = err.find(needle) {
+                let rest = &err[i + needle.len()..];
+                return rest.lines().next().unwrap_or("").to_string();
+            }
+            if let Some(status) = self.try_wait() {
+                panic!("twinvm exited ({status}) before printing {needle:?} on stderr:\n{err}");
+            }
+            if Instant::now() > deadline {
+                panic!("no {needle:?} on stderr after {timeout:?}:\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the VMM process.
+    pub fn freeze(&self, frozen: bool) {
+        self.signal(if frozen { libc::SIGSTOP } else { libc::SIGCONT });
+    }
+
     /// Bytes of console output so far.
     pub fn console_len(&self) -> usize {
         self.out.lock().unwrap().len()

@@ -9,7 +9,9 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -66,6 +68,10 @@ pub struct VmConfig {
     pub cpu: Option<usize>,
     /// Positions between two state digests when recording (0: none but the final one).
     pub digest_interval: u64,
+    /// A file the loop rewrites about once a second with its role and progress (JSON).
+    pub status_file: Option<PathBuf>,
+    /// The role reported there (`alone`, `recording`, `replaying`, `primary`, `backup`).
+    pub role: String,
 }
 
 /// Errors of the machine.
@@ -357,12 +363,17 @@ impl Devices {
 pub struct MachineHandle {
     events: Sender<HostEvent>,
     kick: VcpuKick,
+    /// Raised on a stop request, for waits that do not read the event channel.
+    stop: Arc<AtomicBool>,
 }
 
 impl MachineHandle {
     /// Sends an event to the loop and kicks the vCPU so that it is seen soon.
     pub fn send(&self, ev: HostEvent) {
         let stop = matches!(ev, HostEvent::Stop(_));
+        if stop {
+            self.stop.store(true, Ordering::Release);
+        }
         // The loop may be gone already; then there is nothing to tell it.
         let _ = self.events.send(ev);
         if stop {
@@ -399,6 +410,9 @@ pub struct Machine {
     /// digest, so a replay whose output strays is caught even if its memory converges.
     console_hash: u64,
     console_bytes: u64,
+    status_file: Option<PathBuf>,
+    role: String,
+    status_written: Option<Instant>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -455,6 +469,9 @@ impl Machine {
         boot::setup_vcpu_regs(&vcpu, &layout)?;
         let kick = VcpuKick::arm(&mut vcpu)?;
         let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut mode = mode;
+        mode.attach_stop_flag(stop.clone());
         Ok(Machine {
             vcpu,
             vm,
@@ -468,7 +485,11 @@ impl Machine {
             stats: RunStats::default(),
             console_out,
             events: rx,
-            handle: MachineHandle { events: tx, kick },
+            handle: MachineHandle {
+                events: tx,
+                kick,
+                stop,
+            },
             pending_input: VecDeque::new(),
             created,
             stepping: false,
@@ -476,6 +497,9 @@ impl Machine {
             stepping_pushf: false,
             console_hash: 0,
             console_bytes: 0,
+            status_file: cfg.status_file.clone(),
+            role: cfg.role.clone(),
+            status_written: None,
         })
     }
 
@@ -513,7 +537,17 @@ impl Machine {
     /// (recording) or checks its end (replay). Returns the outcome and, when recording, the
     /// log's size in bytes.
     pub fn run(&mut self) -> Result<(RunOutcome, u64), MachineError> {
-        let result = self.run_loop();
+        let mut result = self.run_loop();
+        if let Err(MachineError::Rr(RrError::Interrupted)) = result {
+            // A replay waiting for its primary was asked to stop.
+            let mut sig = 0;
+            while let Ok(ev) = self.events.try_recv() {
+                if let HostEvent::Stop(s) = ev {
+                    sig = s;
+                }
+            }
+            result = Ok(RunOutcome::Stopped(sig));
+        }
         let pos = self.position();
         let end = match &result {
             Ok(RunOutcome::PowerOff) => Some(EndReason::PowerOff),
@@ -538,6 +572,11 @@ impl Machine {
                 finished = self.mode.end(pos, reason).map_err(MachineError::from);
             }
         }
+        let state = match &result {
+            Ok(o) => format!("ended: {o:?}"),
+            Err(_) => "failed".to_string(),
+        };
+        self.write_status_now(pos, &state);
         let bytes = match std::mem::replace(&mut self.mode, Mode::Live) {
             Mode::Record(r) => r.finish()?,
             other => {
@@ -729,6 +768,8 @@ impl Machine {
         if self.digest_interval > 0 && pos > 0 && pos % self.digest_interval == 0 {
             self.digest_now(pos)?;
         }
+        self.mode.throttle(&self.handle.stop)?;
+        self.write_status(pos);
         if self.mode.stopped_here(pos)? {
             return Ok(Some(RunOutcome::Stopped(0)));
         }
@@ -792,6 +833,35 @@ impl Machine {
             return Ok(Some(RunOutcome::Stopped(0)));
         }
         Ok(None)
+    }
+
+    /// Rewrites the status file if one is configured and a second has passed (or `force`).
+    fn write_status_now(&mut self, pos: u64, state: &str) {
+        let Some(path) = &self.status_file else {
+            return;
+        };
+        let json = format!(
+            "{{\"role\":\"{}\",\"state\":\"{state}\",\"position\":{pos},\"injected\":{},\"console_bytes\":{}{}}}\n",
+            self.role,
+            self.stats.injected,
+            self.console_bytes,
+            self.mode.status_fields()
+        );
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::warn!("status file {}: {e}", path.display());
+        }
+        self.status_written = Some(Instant::now());
+    }
+
+    fn write_status(&mut self, pos: u64) {
+        if self.status_file.is_some()
+            && self
+                .status_written
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.write_status_now(pos, "running");
+        }
     }
 
     /// Applies an asynchronous input the log has at `pos`, exactly as the recording did.

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -47,6 +48,78 @@ enum Command {
     Replay(ReplayArgs),
     /// Print a log's header and entries, one per line.
     Dump(DumpArgs),
+    /// Run the guest as the primary of a live pair: stream every input to the backup, and
+    /// hold console output until the backup has acknowledged the log that produced it.
+    Primary(PrimaryArgs),
+    /// Run the guest as the backup of a live pair: replay the primary's stream as it comes,
+    /// checking every digest; its console output is discarded (or written to a file).
+    Backup(BackupArgs),
+}
+
+/// The log channel's timing, shared by both sides.
+#[derive(Debug, Args)]
+struct ChannelArgs {
+    /// Silence on the log channel after which the peer counts as failed, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    peer_timeout_ms: u64,
+    /// Interval between heartbeats, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+}
+
+impl ChannelArgs {
+    fn config(&self) -> logchannel::transport::ChannelConfig {
+        logchannel::transport::ChannelConfig {
+            heartbeat_interval: std::time::Duration::from_millis(self.heartbeat_ms),
+            peer_timeout: std::time::Duration::from_millis(self.peer_timeout_ms),
+            handshake_timeout: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct PrimaryArgs {
+    /// The backup's log channel address, HOST:PORT.
+    #[arg(long)]
+    backup: String,
+    /// How long to keep trying to reach the backup, in seconds.
+    #[arg(long, default_value_t = 30)]
+    connect_timeout: u64,
+    /// Flow control: most log entries the backup may leave unacknowledged before the guest
+    /// is slowed down.
+    #[arg(long, default_value_t = 100_000)]
+    max_lag_entries: u64,
+    /// Flow control: most log bytes the backup may leave unacknowledged.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_lag_bytes: u64,
+    /// Positions between two state digests.
+    #[arg(long, default_value_t = 2000)]
+    digest_interval: u64,
+    /// The VM's identity (both sides must agree).
+    #[arg(long, default_value = "twinvm")]
+    vm_id: String,
+    #[command(flatten)]
+    channel: ChannelArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// Address to listen on for the primary's log channel, HOST:PORT (port 0: any free port;
+    /// the address is printed on standard error).
+    #[arg(long)]
+    listen: String,
+    /// Write the backup guest's console output to this file (it is discarded otherwise).
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// The VM's identity (both sides must agree).
+    #[arg(long, default_value = "twinvm")]
+    vm_id: String,
+    #[command(flatten)]
+    channel: ChannelArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +206,9 @@ struct GuestArgs {
     /// Write the run's counters and timings as JSON to this file when the guest ends.
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Keep this file updated (about once a second) with the VM's role and progress (JSON).
+    #[arg(long)]
+    status: Option<PathBuf>,
 }
 
 fn default_guest_dir() -> PathBuf {
@@ -201,6 +277,8 @@ impl GuestArgs {
             kvm_path: self.kvm.clone(),
             cpu: self.cpu,
             digest_interval: 0,
+            status_file: self.status.clone(),
+            role: "alone".to_string(),
         })
     }
 }
@@ -242,6 +320,8 @@ impl ReplayArgs {
             kvm_path: self.kvm.clone(),
             cpu: self.cpu,
             digest_interval: header.digest_interval,
+            status_file: None,
+            role: "replaying".to_string(),
         })
     }
 }
@@ -282,8 +362,17 @@ fn write_stats(
 }
 
 fn run(cfg: &VmConfig, mode: Mode, stats: Option<&Path>) -> anyhow::Result<RunOutcome> {
+    run_boxed(cfg, mode, stats, Box::new(std::io::stdout()))
+}
+
+fn run_boxed(
+    cfg: &VmConfig,
+    mode: Mode,
+    stats: Option<&Path>,
+    console: Box<dyn std::io::Write + Send>,
+) -> anyhow::Result<RunOutcome> {
     let replay = mode.is_replay();
-    let mut machine = Machine::new(cfg, Box::new(std::io::stdout()), mode)?;
+    let mut machine = Machine::new(cfg, console, mode)?;
     let handle = machine.handle();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("installing signal handlers")?;
@@ -341,10 +430,185 @@ fn record(args: &RecordArgs) -> anyhow::Result<RunOutcome> {
     run(&cfg, Mode::Record(recorder), args.guest.stats.as_deref())
 }
 
+/// The header both sides of a live pair compute from their own image and options.
+fn pair_header(cfg: &VmConfig, digest_interval: u64, vm_id: &str) -> anyhow::Result<LogHeader> {
+    Ok(LogHeader::new(
+        sha256_file(&cfg.kernel)?,
+        sha256_file(cfg.initrd.as_deref().context("no initrd")?)?,
+        cfg.cmdline.clone(),
+        u32::try_from(cfg.mem_mib).context("memory size")?,
+        digest_interval,
+        vm_id,
+    ))
+}
+
+fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .with_context(|| format!("bad address {addr:?}"))?
+        .next()
+        .with_context(|| format!("address {addr:?} resolves to nothing"))
+}
+
+/// The primary's console: output is handed to a thread that writes it to standard output
+/// only once the backup has acknowledged every log entry sent before it was produced (the
+/// output rule), while the guest keeps running.
+struct HeldOutput {
+    sender: Arc<logchannel::transport::LogSender>,
+    tx: std::sync::mpsc::Sender<(u64, Vec<u8>, std::time::Instant)>,
+}
+
+impl std::io::Write for HeldOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let seq = self.sender.sent_seq();
+        self.tx
+            .send((seq, buf.to_vec(), std::time::Instant::now()))
+            .map_err(|_| std::io::Error::other("the output thread has ended"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the output rule measured: the delay it added to each chunk of output.
+#[derive(Debug, Default)]
+struct OutputDelays {
+    delays: Vec<std::time::Duration>,
+    bytes: u64,
+}
+
+impl OutputDelays {
+    fn percentile(&self, p: f64) -> std::time::Duration {
+        let mut d = self.delays.clone();
+        d.sort();
+        if d.is_empty() {
+            return std::time::Duration::ZERO;
+        }
+        d[((d.len() - 1) as f64 * p).round() as usize]
+    }
+}
+
+fn spawn_output_releaser(
+    sender: Arc<logchannel::transport::LogSender>,
+    rx: std::sync::mpsc::Receiver<(u64, Vec<u8>, std::time::Instant)>,
+) -> std::thread::JoinHandle<OutputDelays> {
+    std::thread::spawn(move || {
+        let mut out = std::io::stdout();
+        let mut stats = OutputDelays::default();
+        for (seq, bytes, at) in rx {
+            // Held until acknowledged; if the channel fails first, this output is never
+            // released (a backup that takes over produces it instead).
+            loop {
+                match sender.wait_acked_seq(seq, std::time::Duration::from_millis(500)) {
+                    Ok(true) => break,
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!("console output held for good: {e}");
+                        return stats;
+                    }
+                }
+            }
+            stats.delays.push(at.elapsed());
+            stats.bytes += bytes.len() as u64;
+            use std::io::Write as _;
+            let _ = out.write_all(&bytes).and_then(|()| out.flush());
+        }
+        stats
+    })
+}
+
+fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
+    let mut cfg = args.guest.to_config()?;
+    cfg.digest_interval = args.digest_interval;
+    cfg.role = "primary".to_string();
+    let header = pair_header(&cfg, args.digest_interval, &args.vm_id)?;
+    let addr = resolve(&args.backup)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.connect_timeout);
+    let sender = loop {
+        match logchannel::transport::LogSender::connect(addr, header.clone(), args.channel.config())
+        {
+            Ok(s) => break s,
+            Err(e @ logchannel::transport::TransportError::Connect { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                tracing::debug!("backup not reachable yet: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    eprintln!("twinvm: primary connected to its backup at {addr}");
+    let sender = Arc::new(sender);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let releaser = spawn_output_releaser(sender.clone(), rx);
+    let recorder = Recorder::live(
+        sender.clone(),
+        vmm::rr::LagLimit {
+            entries: args.max_lag_entries,
+            bytes: args.max_lag_bytes,
+        },
+    );
+    let out = HeldOutput {
+        sender: sender.clone(),
+        tx,
+    };
+    let result = run_boxed(
+        &cfg,
+        Mode::Record(recorder),
+        args.guest.stats.as_deref(),
+        Box::new(out),
+    );
+    // The machine (and its HeldOutput) is gone: the releaser drains what is held.
+    let delays = releaser.join().unwrap_or_default();
+    if !delays.delays.is_empty() {
+        eprintln!(
+            "twinvm: output rule: {} bytes in {} chunks held for the backup's ack: median {:.2?}, p99 {:.2?}",
+            delays.bytes,
+            delays.delays.len(),
+            delays.percentile(0.5),
+            delays.percentile(0.99)
+        );
+    }
+    result
+}
+
+fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
+    let mut cfg = args.guest.to_config()?;
+    cfg.role = "backup".to_string();
+    let listener =
+        logchannel::transport::LogListener::bind(resolve(&args.listen)?, args.channel.config())?;
+    eprintln!("twinvm: backup listening on {}", listener.local_addr());
+    let rx = listener.accept(|theirs| {
+        let ours =
+            pair_header(&cfg, theirs.digest_interval, &args.vm_id).map_err(|e| format!("{e:#}"))?;
+        ours.check_matches(theirs)
+    })?;
+    eprintln!("twinvm: backup accepted its primary at {}", rx.peer());
+    cfg.digest_interval = rx.header().digest_interval;
+    let console: Box<dyn std::io::Write + Send> = match &args.console_log {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(std::io::sink()),
+    };
+    run_boxed(
+        &cfg,
+        Mode::Replay(Box::new(Replayer::live(rx))),
+        args.guest.stats.as_deref(),
+        console,
+    )
+}
+
 fn replay(args: &ReplayArgs) -> anyhow::Result<RunOutcome> {
     let replayer = Replayer::open(&args.log)?;
     let cfg = args.to_config(replayer.header())?;
-    run(&cfg, Mode::Replay(replayer), args.stats.as_deref())
+    run(
+        &cfg,
+        Mode::Replay(Box::new(replayer)),
+        args.stats.as_deref(),
+    )
 }
 
 fn dump(args: &DumpArgs) -> anyhow::Result<()> {
@@ -396,6 +660,8 @@ fn main() -> ExitCode {
             .and_then(|cfg| run(&cfg, Mode::Live, args.stats.as_deref())),
         Command::Record(args) => record(args),
         Command::Replay(args) => replay(args),
+        Command::Primary(args) => primary(args),
+        Command::Backup(args) => backup(args),
         Command::Dump(args) => {
             return match dump(args) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -18,10 +18,14 @@
 //! with the position, the log entry and what differed; never tolerated.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use logchannel::entry::{Digest, EndReason, Entry, LogHeader, Position};
 use logchannel::error::LogError;
 use logchannel::file::{LogReader, LogWriter};
+use logchannel::transport::{LogReceiver, LogSender, TransportError};
 
 /// Errors of recording or replaying.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,12 @@ pub enum RrError {
         /// The replay's position.
         pos: u64,
     },
+    /// The log channel to the backup or from the primary failed.
+    #[error("log channel: {0}")]
+    Channel(#[from] TransportError),
+    /// The replay was asked to stop while it waited for the primary's next entry.
+    #[error("stopped while waiting for the log")]
+    Interrupted,
     /// Reading the vCPU or memory for a digest failed.
     #[error("taking a state digest: {0}")]
     Kvm(String),
@@ -55,16 +65,49 @@ pub enum RrError {
     ImageMismatch(String),
 }
 
-/// Writes a recording.
+/// Where a recording goes.
 #[derive(Debug)]
-pub struct Recorder {
-    writer: LogWriter,
+enum Sink {
+    /// A log file.
+    File(LogWriter),
+    /// The live backup.
+    Net(Arc<LogSender>),
 }
 
-/// Feeds a replay from a log file.
+/// How far a live backup may fall behind before the primary's guest is slowed down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LagLimit {
+    /// Entries sent but not acknowledged.
+    pub entries: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Writes a recording: to a file, or to the live backup.
+#[derive(Debug)]
+pub struct Recorder {
+    sink: Sink,
+    lag: Option<LagLimit>,
+    /// Time the guest was held back by the lag limit.
+    pub throttled: Duration,
+}
+
+/// Where a replay's entries come from.
+#[derive(Debug)]
+enum Source {
+    /// A log file.
+    File(LogReader),
+    /// The live primary.
+    Net(LogReceiver),
+}
+
+/// Feeds a replay from a log file or from the live primary.
 #[derive(Debug)]
 pub struct Replayer {
-    reader: LogReader,
+    source: Source,
+    stop: Option<Arc<AtomicBool>>,
+    /// Position of the last entry received.
+    pub last_received_pos: u64,
     /// The next entry, read ahead.
     next: Option<Entry>,
     /// Index of `next` in the log.
@@ -82,55 +125,122 @@ pub enum Mode {
     /// Host clock and terminal, everything logged.
     Record(Recorder),
     /// Everything from the log.
-    Replay(Replayer),
+    Replay(Box<Replayer>),
 }
 
 impl Recorder {
     /// Creates the log file at `path` with `header`.
     pub fn create(path: &Path, header: &LogHeader) -> Result<Self, RrError> {
         Ok(Recorder {
-            writer: LogWriter::create(path, header)?,
+            sink: Sink::File(LogWriter::create(path, header)?),
+            lag: None,
+            throttled: Duration::ZERO,
         })
+    }
+
+    /// Streams the recording to a live backup over `sender`, slowing the guest down when
+    /// the backup lags beyond `lag`.
+    pub fn live(sender: Arc<LogSender>, lag: LagLimit) -> Self {
+        Recorder {
+            sink: Sink::Net(sender),
+            lag: Some(lag),
+            throttled: Duration::ZERO,
+        }
     }
 
     /// Appends one entry.
     pub fn append(&mut self, e: &Entry) -> Result<(), RrError> {
-        self.writer.append(e).map_err(RrError::from)
+        match &mut self.sink {
+            Sink::File(w) => w.append(e).map_err(RrError::from),
+            Sink::Net(s) => s.send(e).map(|_| ()).map_err(RrError::from),
+        }
     }
 
-    /// Flushes and syncs the log; returns the bytes written.
+    /// Flow control: while the backup has more unacknowledged entries or bytes than the lag
+    /// limit allows, holds the guest back (returns early if `stop` is raised).
+    pub fn throttle(&mut self, stop: &AtomicBool) -> Result<(), RrError> {
+        let (Sink::Net(s), Some(lag)) = (&self.sink, self.lag) else {
+            return Ok(());
+        };
+        let f = s.in_flight();
+        if f.entries <= lag.entries && f.bytes <= lag.bytes {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        while !stop.load(Ordering::Acquire)
+            && !s.wait_in_flight_at_most(lag.entries, lag.bytes, Duration::from_millis(50))?
+        {
+        }
+        self.throttled += t0.elapsed();
+        Ok(())
+    }
+
+    /// Ends the recording: a file is flushed and synced; a live stream waits until the backup
+    /// has acknowledged everything (bounded by the channel's failure detection). Returns the
+    /// bytes of log written.
     pub fn finish(self) -> Result<u64, RrError> {
-        let bytes = self.writer.bytes_written();
-        self.writer.finish()?;
-        Ok(bytes)
+        match self.sink {
+            Sink::File(w) => {
+                let bytes = w.bytes_written();
+                w.finish()?;
+                Ok(bytes)
+            }
+            Sink::Net(s) => {
+                let last = s.sent_seq();
+                while !s.wait_acked_seq(last, Duration::from_secs(1))? {}
+                Ok(s.acked().bytes)
+            }
+        }
     }
 
-    /// Entries written so far.
-    pub fn entries(&self) -> u64 {
-        self.writer.entries()
-    }
-
-    /// Bytes written so far.
+    /// Bytes of log written (a file) or acknowledged (a live backup) so far.
     pub fn bytes(&self) -> u64 {
-        self.writer.bytes_written()
+        match &self.sink {
+            Sink::File(w) => w.bytes_written(),
+            Sink::Net(s) => s.acked().bytes,
+        }
     }
 }
 
 impl Replayer {
     /// Opens a log for replay.
     pub fn open(path: &Path) -> Result<Self, RrError> {
-        Ok(Replayer {
-            reader: LogReader::open(path)?,
+        Ok(Self::new(Source::File(LogReader::open(path)?)))
+    }
+
+    /// Replays the live primary's stream.
+    pub fn live(receiver: LogReceiver) -> Self {
+        Self::new(Source::Net(receiver))
+    }
+
+    fn new(source: Source) -> Self {
+        Replayer {
+            source,
+            stop: None,
+            last_received_pos: 0,
             next: None,
             index: 0,
             eof: false,
             digests_matched: 0,
-        })
+        }
+    }
+
+    /// A flag that, once raised, makes a replay waiting for the primary's next entry stop.
+    pub fn set_stop_flag(&mut self, stop: Arc<AtomicBool>) {
+        self.stop = Some(stop);
     }
 
     /// The log's header.
     pub fn header(&self) -> &LogHeader {
-        self.reader.header()
+        match &self.source {
+            Source::File(r) => r.header(),
+            Source::Net(r) => r.header(),
+        }
+    }
+
+    /// Whether entries come from a live primary.
+    pub fn is_live(&self) -> bool {
+        matches!(self.source, Source::Net(_))
     }
 
     /// Entries consumed so far.
@@ -140,10 +250,35 @@ impl Replayer {
 
     fn fill(&mut self, pos: u64) -> Result<(), RrError> {
         if self.next.is_none() && !self.eof {
-            match self.reader.next() {
-                Some(Ok(e)) => self.next = Some(e),
-                Some(Err(e)) => return Err(e.into()),
-                None => self.eof = true,
+            match &mut self.source {
+                Source::File(reader) => match reader.next() {
+                    Some(Ok(e)) => self.next = Some(e),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => self.eof = true,
+                },
+                Source::Net(rx) => loop {
+                    if self
+                        .stop
+                        .as_ref()
+                        .is_some_and(|s| s.load(Ordering::Acquire))
+                    {
+                        return Err(RrError::Interrupted);
+                    }
+                    match rx.recv_timeout(Duration::from_millis(100)) {
+                        Ok(Some(e)) => {
+                            self.last_received_pos = e.pos().get();
+                            self.next = Some(e);
+                            break;
+                        }
+                        Ok(None) => continue,
+                        // An orderly close: the primary's log is complete.
+                        Err(TransportError::Closed { .. }) => {
+                            self.eof = true;
+                            break;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                },
             }
         }
         if self.next.is_none() {
@@ -227,6 +362,53 @@ impl Mode {
     /// Whether inputs come from the log.
     pub fn is_replay(&self) -> bool {
         matches!(self, Mode::Replay(_))
+    }
+
+    /// Lets a replay waiting on a live primary notice a stop request.
+    pub fn attach_stop_flag(&mut self, stop: Arc<AtomicBool>) {
+        if let Mode::Replay(r) = self {
+            r.set_stop_flag(stop);
+        }
+    }
+
+    /// Mode-specific fields of the status report, as JSON members (with a leading comma).
+    pub fn status_fields(&self) -> String {
+        match self {
+            Mode::Live => String::new(),
+            Mode::Record(r) => match &r.sink {
+                Sink::File(w) => format!(
+                    ",\"log_entries\":{},\"log_bytes\":{}",
+                    w.entries(),
+                    w.bytes_written()
+                ),
+                Sink::Net(s) => {
+                    let a = s.acked();
+                    let f = s.in_flight();
+                    format!(
+                        ",\"sent_seq\":{},\"acked_seq\":{},\"acked_pos\":{},\"acked_bytes\":{},\"in_flight_entries\":{},\"in_flight_bytes\":{},\"throttled_s\":{:.3}",
+                        s.sent_seq(),
+                        a.seq,
+                        a.pos.get(),
+                        a.bytes,
+                        f.entries,
+                        f.bytes,
+                        r.throttled.as_secs_f64()
+                    )
+                }
+            },
+            Mode::Replay(r) => format!(
+                ",\"entries_replayed\":{},\"digests_matched\":{},\"last_received_pos\":{}",
+                r.index, r.digests_matched, r.last_received_pos
+            ),
+        }
+    }
+
+    /// Flow control of a live primary (see [`Recorder::throttle`]).
+    pub fn throttle(&mut self, stop: &AtomicBool) -> Result<(), RrError> {
+        match self {
+            Mode::Record(r) => r.throttle(stop),
+            _ => Ok(()),
+        }
     }
 
     /// Whether anything needs digests (and so KVM's dirty log).

@@ -94,7 +94,9 @@ impl Shared {
         let mut st = self.lock();
         if st.failure.is_none() {
             match &err {
-                TransportError::Closed { .. } => info!(error = %err, "log channel closed"),
+                TransportError::Closed { .. } | TransportError::Shutdown => {
+                    info!(error = %err, "log channel closed")
+                }
                 _ => warn!(error = %err, "log channel failed"),
             }
             st.failure = Some(err);
