@@ -10,6 +10,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 pub mod bench;
+pub mod netns;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -89,7 +90,22 @@ fn capture(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
 impl Vm {
     /// Starts `twinvm` with `args`, its console on pipes.
     pub fn spawn(args: &[&str]) -> Vm {
-        let mut child = Command::new(workspace_bin("twinvm"))
+        Self::spawn_in(None, args)
+    }
+
+    /// Starts `twinvm` with `args` inside network namespace `netns` (through `ip netns
+    /// exec`, which execs twinvm in place: the pid is twinvm's).
+    pub fn spawn_in(netns: Option<&str>, args: &[&str]) -> Vm {
+        let bin = workspace_bin("twinvm");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = cmd
             .args(args)
             .env("TWINVM_GUEST_DIR", guest_dir())
             .stdin(Stdio::piped())

@@ -9,6 +9,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod machine;
 pub mod memory;
+pub mod nic;
 pub mod rr;
 pub mod tap;
 pub mod vstate;

@@ -72,6 +72,9 @@ pub struct VmConfig {
     pub status_file: Option<PathBuf>,
     /// The role reported there (`alone`, `recording`, `replaying`, `primary`, `backup`).
     pub role: String,
+    /// The TAP the NIC receives from and sends to in a live run (the NIC itself is present
+    /// when the command line announces it; see [`crate::nic`]).
+    pub tap: Option<String>,
 }
 
 /// Errors of the machine.
@@ -89,6 +92,12 @@ pub enum MachineError {
     /// CPUID setup.
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
+    /// The network card.
+    #[error(transparent)]
+    Nic(#[from] crate::nic::NicError),
+    /// A TAP was given but the command line does not announce the NIC.
+    #[error("a TAP was given but the kernel command line does not announce the NIC ({0})")]
+    NoNic(String),
     /// Pinning the vCPU thread.
     #[error("cannot pin the vCPU thread to host CPU {cpu}: {source}")]
     Pin {
@@ -151,6 +160,8 @@ pub enum HostEvent {
     InputClosed,
     /// Stop the guest (the signal that asked, or 0).
     Stop(i32),
+    /// Frames are waiting on the NIC's TAP.
+    NetReady,
 }
 
 /// Counters of one run, for benchmarks and the closing log line.
@@ -413,6 +424,8 @@ pub struct Machine {
     status_file: Option<PathBuf>,
     role: String,
     status_written: Option<Instant>,
+    /// The network card, if the command line announces one.
+    nic: Option<crate::nic::Nic>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -472,6 +485,24 @@ impl Machine {
         let stop = Arc::new(AtomicBool::new(false));
         let mut mode = mode;
         mode.attach_stop_flag(stop.clone());
+        let nic = match crate::nic::from_cmdline(&cfg.cmdline) {
+            Some(mac) => {
+                let tap = if mode.is_replay() {
+                    None
+                } else {
+                    cfg.tap.as_deref()
+                };
+                let nic = crate::nic::Nic::new(&mem, mac, tap, None)?;
+                let wake = tx.clone();
+                nic.spawn_watcher(move || wake.send(HostEvent::NetReady).is_ok())
+                    .map_err(|e| crate::nic::NicError::Transport(format!("TAP watcher: {e}")))?;
+                Some(nic)
+            }
+            None if cfg.tap.is_some() => {
+                return Err(MachineError::NoNic(crate::nic::cmdline_words(None)))
+            }
+            None => None,
+        };
         Ok(Machine {
             vcpu,
             vm,
@@ -497,6 +528,7 @@ impl Machine {
             stepping_pushf: false,
             console_hash: 0,
             console_bytes: 0,
+            nic,
             status_file: cfg.status_file.clone(),
             role: cfg.role.clone(),
             status_written: None,
@@ -603,6 +635,21 @@ impl Machine {
             self.stats.in_guest += t0.elapsed();
             let exit = match exit {
                 Ok(VcpuExit::Intr) => None,
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    match &mut self.nic {
+                        Some(n) if n.claims(addr) => {
+                            n.transport.read(addr - crate::nic::NIC_MMIO_BASE, data)
+                        }
+                        _ => data.fill(0xff),
+                    }
+                    Some(Exit::Mmio)
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if let Some(n) = self.nic.as_mut().filter(|n| n.claims(addr)) {
+                        n.transport.write(addr - crate::nic::NIC_MMIO_BASE, data);
+                    }
+                    Some(Exit::Mmio)
+                }
                 Ok(exit) => Some(Self::classify(exit)),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
                 Err(source) => {
@@ -684,10 +731,60 @@ impl Machine {
                 }
             };
             self.flush_console();
+            if let Some(nic) = &mut self.nic {
+                // Frames the guest sent, and the card's interrupt, at this position.
+                nic.flush_tx();
+                if nic.transport.take_irq() {
+                    self.devices.pic.pulse(crate::nic::NIC_IRQ);
+                }
+            }
             if let Some(outcome) = self.delivery_point(halted)? {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// Gives the guest the frames its card has room for (live and recording).
+    fn deliver_frames(&mut self, pos: u64) -> Result<(), MachineError> {
+        let Some(nic) = &mut self.nic else {
+            return Ok(());
+        };
+        nic.poll_tap();
+        while let Some(frame) = nic.next_rx() {
+            match nic.transport.device_mut().deliver_rx(&self.mem, &frame) {
+                Ok(crate::devices::virtio::net::RxResult::Delivered) => {
+                    self.mode.net_rx(pos, &frame)?;
+                }
+                Ok(other) => {
+                    tracing::debug!("received frame dropped: {other:?}");
+                }
+                Err(e) => tracing::warn!("received frame of {} bytes dropped: {e}", frame.len()),
+            }
+        }
+        if nic.transport.take_irq() {
+            self.devices.pic.pulse(crate::nic::NIC_IRQ);
+        }
+        Ok(())
+    }
+
+    /// Lets the primary's output rule hold transmitted frames: replaces the card's frame
+    /// sink and returns a writer on its TAP for whoever releases them.
+    pub fn hold_frames(
+        &mut self,
+        sink: Box<dyn crate::nic::FrameSink>,
+    ) -> Result<Option<crate::nic::TapWriter>, MachineError> {
+        let Some(nic) = &mut self.nic else {
+            return Ok(None);
+        };
+        let writer = nic
+            .tap_writer()
+            .transpose()
+            .map_err(|source| crate::nic::NicError::Dup {
+                name: "of the NIC".to_string(),
+                source,
+            })?;
+        nic.set_frame_sink(sink);
+        Ok(writer)
     }
 
     /// Reduces a `VcpuExit` (which borrows the vCPU) to what the loop needs. MMIO is answered
@@ -750,7 +847,7 @@ impl Machine {
                 self.pending_input.extend(bytes);
                 None
             }
-            HostEvent::InputClosed => None,
+            HostEvent::InputClosed | HostEvent::NetReady => None,
             HostEvent::Stop(sig) => {
                 self.flush_console();
                 Some(RunOutcome::Stopped(sig))
@@ -799,6 +896,7 @@ impl Machine {
                     self.devices.pic.pulse(COM1_IRQ);
                 }
             }
+            self.deliver_frames(pos)?;
             if !halted || self.devices.pic.has_interrupt() {
                 break;
             }
@@ -868,6 +966,31 @@ impl Machine {
     fn apply_logged_input(&mut self, pos: u64, e: Entry) -> Result<(), MachineError> {
         match e {
             Entry::IrqLine { line, .. } if line < 16 => self.devices.pic.pulse(line),
+            Entry::NetRx { frame, .. } => {
+                let delivered = match &mut self.nic {
+                    Some(nic) => matches!(
+                        nic.transport.device_mut().deliver_rx(&self.mem, &frame),
+                        Ok(crate::devices::virtio::net::RxResult::Delivered)
+                    ),
+                    None => false,
+                };
+                if !delivered {
+                    return Err(RrError::Divergence {
+                        pos,
+                        entry: self.replay_index(),
+                        what: format!(
+                            "the guest's card could not take a logged {}-byte frame: its receive ring is not in the recorded state",
+                            frame.len()
+                        ),
+                    }
+                    .into());
+                }
+                if let Some(nic) = &mut self.nic {
+                    if nic.transport.take_irq() {
+                        self.devices.pic.pulse(crate::nic::NIC_IRQ);
+                    }
+                }
+            }
             Entry::ConsoleIn { bytes, .. } => {
                 let n = self.devices.serial.enqueue_input(&bytes);
                 if n != bytes.len() {

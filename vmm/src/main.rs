@@ -32,7 +32,7 @@ struct Cli {
     command: Command,
 }
 
-const EXIT_HELP: &str = "Exit status: 0 the guest powered off; 3 the guest rebooted or reset; \
+const EXIT_HELP: &str = "Exit status: 0 the guest powered off (or a replay reached the recorded stop); 3 the guest rebooted or reset; \
 128+N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM); 1 an error (one line on stderr).";
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +209,22 @@ struct GuestArgs {
     /// Keep this file updated (about once a second) with the VM's role and progress (JSON).
     #[arg(long)]
     status: Option<PathBuf>,
+    /// Give the guest a virtio-net card on this TAP device (an existing one, or a new one
+    /// is created; needs CAP_NET_ADMIN). Implies --nic.
+    #[arg(long)]
+    tap: Option<String>,
+    /// Give the guest a virtio-net card (without --tap it is connected to nothing: what a
+    /// backup or a replay needs to match a primary that has one).
+    #[arg(long)]
+    nic: bool,
+    /// The card's MAC address, aa:bb:cc:dd:ee:ff [default: 52:54:00:74:77:01].
+    #[arg(long, value_parser = parse_mac_arg)]
+    mac: Option<[u8; 6]>,
+}
+
+fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
+    vmm::nic::parse_mac(s)
+        .ok_or_else(|| format!("{s:?} is not a MAC address like 52:54:00:12:34:56"))
 }
 
 fn default_guest_dir() -> PathBuf {
@@ -265,6 +281,10 @@ impl GuestArgs {
                     .to_string()
             }
         };
+        if self.nic || self.tap.is_some() || self.mac.is_some() {
+            cmdline.push(' ');
+            cmdline.push_str(&vmm::nic::cmdline_words(self.mac));
+        }
         if let Some(extra) = &self.append {
             cmdline.push(' ');
             cmdline.push_str(extra);
@@ -279,6 +299,7 @@ impl GuestArgs {
             digest_interval: 0,
             status_file: self.status.clone(),
             role: "alone".to_string(),
+            tap: self.tap.clone(),
         })
     }
 }
@@ -322,6 +343,7 @@ impl ReplayArgs {
             digest_interval: header.digest_interval,
             status_file: None,
             role: "replaying".to_string(),
+            tap: None,
         })
     }
 }
@@ -362,7 +384,7 @@ fn write_stats(
 }
 
 fn run(cfg: &VmConfig, mode: Mode, stats: Option<&Path>) -> anyhow::Result<RunOutcome> {
-    run_boxed(cfg, mode, stats, Box::new(std::io::stdout()))
+    run_boxed(cfg, mode, stats, Box::new(std::io::stdout()), |_| Ok(()))
 }
 
 fn run_boxed(
@@ -370,9 +392,11 @@ fn run_boxed(
     mode: Mode,
     stats: Option<&Path>,
     console: Box<dyn std::io::Write + Send>,
+    prepare: impl FnOnce(&mut Machine) -> anyhow::Result<()>,
 ) -> anyhow::Result<RunOutcome> {
     let replay = mode.is_replay();
     let mut machine = Machine::new(cfg, console, mode)?;
+    prepare(&mut machine)?;
     let handle = machine.handle();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("installing signal handlers")?;
@@ -453,17 +477,40 @@ fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
 /// The primary's console: output is handed to a thread that writes it to standard output
 /// only once the backup has acknowledged every log entry sent before it was produced (the
 /// output rule), while the guest keeps running.
+#[derive(Clone)]
 struct HeldOutput {
     sender: Arc<logchannel::transport::LogSender>,
-    tx: std::sync::mpsc::Sender<(u64, Vec<u8>, std::time::Instant)>,
+    tx: std::sync::mpsc::Sender<Held>,
+}
+
+/// One piece of output waiting for the backup's ack of log entry `seq`.
+struct Held {
+    seq: u64,
+    what: HeldKind,
+    at: std::time::Instant,
+}
+
+enum HeldKind {
+    Console(Vec<u8>),
+    Frame(Vec<u8>),
+}
+
+impl HeldOutput {
+    fn hold(&self, what: HeldKind) -> bool {
+        let held = Held {
+            seq: self.sender.sent_seq(),
+            what,
+            at: std::time::Instant::now(),
+        };
+        self.tx.send(held).is_ok()
+    }
 }
 
 impl std::io::Write for HeldOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let seq = self.sender.sent_seq();
-        self.tx
-            .send((seq, buf.to_vec(), std::time::Instant::now()))
-            .map_err(|_| std::io::Error::other("the output thread has ended"))?;
+        if !self.hold(HeldKind::Console(buf.to_vec())) {
+            return Err(std::io::Error::other("the output thread has ended"));
+        }
         Ok(buf.len())
     }
 
@@ -472,11 +519,20 @@ impl std::io::Write for HeldOutput {
     }
 }
 
+impl vmm::nic::FrameSink for HeldOutput {
+    fn frame(&mut self, frame: Vec<u8>) {
+        if !self.hold(HeldKind::Frame(frame)) {
+            tracing::warn!("a transmitted frame was dropped: the output thread has ended");
+        }
+    }
+}
+
 /// What the output rule measured: the delay it added to each chunk of output.
 #[derive(Debug, Default)]
 struct OutputDelays {
     delays: Vec<std::time::Duration>,
     bytes: u64,
+    frames: u64,
 }
 
 impl OutputDelays {
@@ -492,12 +548,15 @@ impl OutputDelays {
 
 fn spawn_output_releaser(
     sender: Arc<logchannel::transport::LogSender>,
-    rx: std::sync::mpsc::Receiver<(u64, Vec<u8>, std::time::Instant)>,
+    rx: std::sync::mpsc::Receiver<Held>,
+    tap_rx: std::sync::mpsc::Receiver<Option<vmm::nic::TapWriter>>,
 ) -> std::thread::JoinHandle<OutputDelays> {
     std::thread::spawn(move || {
         let mut out = std::io::stdout();
         let mut stats = OutputDelays::default();
-        for (seq, bytes, at) in rx {
+        // The TAP writer comes once the machine (which opens the TAP) exists.
+        let mut tap = tap_rx.recv().ok().flatten();
+        for Held { seq, what, at } in rx {
             // Held until acknowledged; if the channel fails first, this output is never
             // released (a backup that takes over produces it instead).
             loop {
@@ -511,9 +570,21 @@ fn spawn_output_releaser(
                 }
             }
             stats.delays.push(at.elapsed());
-            stats.bytes += bytes.len() as u64;
-            use std::io::Write as _;
-            let _ = out.write_all(&bytes).and_then(|()| out.flush());
+            match what {
+                HeldKind::Console(bytes) => {
+                    stats.bytes += bytes.len() as u64;
+                    use std::io::Write as _;
+                    let _ = out.write_all(&bytes).and_then(|()| out.flush());
+                }
+                HeldKind::Frame(frame) => {
+                    stats.frames += 1;
+                    if let Some(t) = &mut tap {
+                        if let Err(e) = t.write_frame(&frame) {
+                            tracing::warn!("TAP write of a {}-byte frame: {e}", frame.len());
+                        }
+                    }
+                }
+            }
         }
         stats
     })
@@ -542,7 +613,8 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     eprintln!("twinvm: primary connected to its backup at {addr}");
     let sender = Arc::new(sender);
     let (tx, rx) = std::sync::mpsc::channel();
-    let releaser = spawn_output_releaser(sender.clone(), rx);
+    let (tap_tx, tap_rx) = std::sync::mpsc::channel();
+    let releaser = spawn_output_releaser(sender.clone(), rx, tap_rx);
     let recorder = Recorder::live(
         sender.clone(),
         vmm::rr::LagLimit {
@@ -554,18 +626,25 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
         sender: sender.clone(),
         tx,
     };
+    let frames = out.clone();
     let result = run_boxed(
         &cfg,
         Mode::Record(recorder),
         args.guest.stats.as_deref(),
         Box::new(out),
+        move |m| {
+            let writer = m.hold_frames(Box::new(frames))?;
+            let _ = tap_tx.send(writer);
+            Ok(())
+        },
     );
     // The machine (and its HeldOutput) is gone: the releaser drains what is held.
     let delays = releaser.join().unwrap_or_default();
     if !delays.delays.is_empty() {
         eprintln!(
-            "twinvm: output rule: {} bytes in {} chunks held for the backup's ack: median {:.2?}, p99 {:.2?}",
+            "twinvm: output rule: {} console bytes and {} frames in {} chunks held for the backup's ack: median {:.2?}, p99 {:.2?}",
             delays.bytes,
+            delays.frames,
             delays.delays.len(),
             delays.percentile(0.5),
             delays.percentile(0.99)
@@ -598,6 +677,7 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         Mode::Replay(Box::new(Replayer::live(rx))),
         args.guest.stats.as_deref(),
         console,
+        |_| Ok(()),
     )
 }
 
@@ -680,6 +760,10 @@ fn main() -> ExitCode {
         Ok(RunOutcome::Reset) => {
             eprintln!("twinvm: guest reset (reboot or triple fault)");
             ExitCode::from(EXIT_RESET)
+        }
+        Ok(RunOutcome::Stopped(0)) => {
+            eprintln!("twinvm: stopped where the recorded run was stopped");
+            ExitCode::from(EXIT_POWEROFF)
         }
         Ok(RunOutcome::Stopped(sig)) => {
             eprintln!("twinvm: stopped by signal {sig}");

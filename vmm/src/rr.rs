@@ -514,14 +514,27 @@ impl Mode {
         }
     }
 
-    /// In replay, the next asynchronous input logged at `pos`, if any (`IrqLine` or
-    /// `ConsoleIn`).
+    /// Records a frame delivered to the guest's card at `pos` (record only).
+    pub fn net_rx(&mut self, pos: u64, frame: &[u8]) -> Result<(), RrError> {
+        match self {
+            Mode::Record(r) => r.append(&Entry::NetRx {
+                pos: Position(pos),
+                frame: frame.to_vec(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// In replay, the next asynchronous input logged at `pos`, if any (`IrqLine`,
+    /// `ConsoleIn` or `NetRx`).
     pub fn next_async(&mut self, pos: u64) -> Result<Option<Entry>, RrError> {
         let Mode::Replay(r) = self else {
             return Ok(None);
         };
         match r.peek_at(pos)? {
-            Some(Entry::IrqLine { .. } | Entry::ConsoleIn { .. }) => Ok(Some(r.take())),
+            Some(Entry::IrqLine { .. } | Entry::ConsoleIn { .. } | Entry::NetRx { .. }) => {
+                Ok(Some(r.take()))
+            }
             _ => Ok(None),
         }
     }

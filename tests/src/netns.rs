@@ -1,0 +1,168 @@
+//! Test hosts on one machine: network namespaces made by the test, joined by a bridge in a
+//! "switch" namespace, addresses from 198.18.0.0/15 (DESIGN.md, Test topology). Everything
+//! is removed when the [`Topology`] is dropped, also when a test fails.
+//!
+//! Each host namespace has `eth0` (a veth into the switch's bridge). A host that runs a
+//! guest (`with_tap`) has instead a bridge `br0` holding `eth0` and the guest's TAP `tap0`,
+//! with the host's address on `br0`, so the guest is on the same segment as every host.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// The prefix length of the test segment.
+pub const PREFIX: u8 = 24;
+/// The guest's address on the test segment.
+pub const GUEST_IP: &str = "198.18.0.2";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One host of a topology.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Its namespace.
+    pub netns: String,
+    /// Its address on the segment.
+    pub addr: String,
+}
+
+/// Namespaces, veths, bridges and TAPs of one test.
+#[derive(Debug)]
+pub struct Topology {
+    id: u32,
+    switch: String,
+    hosts: Vec<Host>,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Topology {
+    /// A switch namespace with its bridge; hosts are added with [`Topology::host`].
+    pub fn new() -> Topology {
+        let id = SEQ.fetch_add(1, Ordering::Relaxed);
+        let switch = format!("tw{}-{id}-sw", std::process::id());
+        ip(&["netns", "add", &switch]);
+        let t = Topology {
+            id,
+            switch,
+            hosts: Vec::new(),
+        };
+        ip(&["-n", &t.switch, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &t.switch, "link", "set", "br0", "up"]);
+        t
+    }
+
+    /// Adds host `name` with address 198.18.0.`octet`; with `with_tap`, also the guest's
+    /// TAP `tap0` bridged to the segment.
+    pub fn host(&mut self, name: &str, octet: u8, with_tap: bool) -> Host {
+        let n = self.hosts.len();
+        let netns = format!("{}-{name}", self.switch.trim_end_matches("-sw"));
+        ip(&["netns", "add", &netns]);
+        let host = Host {
+            netns: netns.clone(),
+            addr: format!("198.18.0.{octet}"),
+        };
+        self.hosts.push(host.clone());
+        // Interface names are at most 15 bytes.
+        let outer = format!("tw{}h{n}p{}", self.id % 100, std::process::id() % 10_000);
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ]);
+        ip(&["link", "set", &outer, "netns", &self.switch]);
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &outer,
+            "master",
+            "br0",
+            "up",
+        ]);
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        let cidr = format!("{}/{PREFIX}", host.addr);
+        if with_tap {
+            ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"]);
+            ip(&["-n", &netns, "link", "set", "eth0", "master", "br0", "up"]);
+            ip(&["-n", &netns, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+            ip(&["-n", &netns, "link", "set", "tap0", "master", "br0", "up"]);
+            ip(&["-n", &netns, "addr", "add", &cidr, "dev", "br0"]);
+            ip(&["-n", &netns, "link", "set", "br0", "up"]);
+        } else {
+            ip(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"]);
+            ip(&["-n", &netns, "link", "set", "eth0", "up"]);
+        }
+        host
+    }
+
+    /// Runs a command inside `host`'s namespace.
+    pub fn exec(host: &Host, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &host.netns])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// Takes a link of `host` down or up (to cut it off).
+    pub fn set_link(host: &Host, dev: &str, up: bool) {
+        ip(&[
+            "-n",
+            &host.netns,
+            "link",
+            "set",
+            dev,
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth ends, bridges and TAPs with it.
+        for h in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", &h.netns]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.switch])
+            .output();
+    }
+}
+
+/// Connects to `addr` from inside `host`'s namespace: the connecting thread enters the
+/// namespace (setns affects only that thread), so the socket lives there.
+pub fn connect_from(
+    host: &Host,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let path = format!("/run/netns/{}", host.netns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(&path)?;
+            // SAFETY: setns on this thread only, with a namespace fd we hold open.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            TcpStream::connect_timeout(&addr, timeout)
+        })
+        .join()
+        .expect("connect thread")
+    })
+}
