@@ -73,8 +73,22 @@ pub struct VmConfig {
     /// The role reported there (`alone`, `recording`, `replaying`, `primary`, `backup`).
     pub role: String,
     /// The TAP the NIC receives from and sends to in a live run (the NIC itself is present
-    /// when the command line announces it; see [`crate::nic`]).
+    /// when the command line announces it; see [`crate::nic`]). A backup opens it only when
+    /// it goes live.
     pub tap: Option<String>,
+}
+
+/// Told of every role change of the machine (`primary`, `live-after-failover`, `alone`,
+/// `halted`, ...).
+pub type RoleListener = Box<dyn FnMut(&str) + Send>;
+
+/// What decides, when one side of a live pair loses the other, which one goes on.
+pub trait Arbiter: Send {
+    /// Asks for the right to go on alone; `Ok(true)` if won, `Ok(false)` if the other side
+    /// holds it, `Err` if no answer could be had (the caller retries).
+    fn claim(&mut self) -> Result<bool, String>;
+    /// Who is asking and for what, for messages.
+    fn describe(&self) -> String;
 }
 
 /// Errors of the machine.
@@ -98,6 +112,16 @@ pub enum MachineError {
     /// A TAP was given but the command line does not announce the NIC.
     #[error("a TAP was given but the kernel command line does not announce the NIC ({0})")]
     NoNic(String),
+    /// This side lost the arbiter's test-and-set after losing its peer: its guest is halted.
+    #[error("halted at position {pos}: the peer was lost ({reason}) and {what}")]
+    Halted {
+        /// Where.
+        pos: u64,
+        /// How the peer was lost.
+        reason: String,
+        /// The arbiter's answer, or why there was none to ask.
+        what: String,
+    },
     /// Pinning the vCPU thread.
     #[error("cannot pin the vCPU thread to host CPU {cpu}: {source}")]
     Pin {
@@ -426,6 +450,14 @@ pub struct Machine {
     status_written: Option<Instant>,
     /// The network card, if the command line announces one.
     nic: Option<crate::nic::Nic>,
+    /// The TAP to open when a backup goes live.
+    tap: Option<String>,
+    /// Decides failover; without one, losing the peer halts.
+    arbiter: Option<Box<dyn Arbiter>>,
+    /// Where console output goes once a backup goes live.
+    live_console: Option<Box<dyn Write + Send>>,
+    /// Told of every role change.
+    role_listener: Option<RoleListener>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -529,6 +561,10 @@ impl Machine {
             console_hash: 0,
             console_bytes: 0,
             nic,
+            tap: cfg.tap.clone(),
+            arbiter: None,
+            live_console: None,
+            role_listener: None,
             status_file: cfg.status_file.clone(),
             role: cfg.role.clone(),
             status_written: None,
@@ -672,6 +708,16 @@ impl Machine {
             let halted = match exit {
                 Exit::Pio => {
                     self.stats.pio_exits += 1;
+                    let (port, is_in) = {
+                        let pio = vstate::pio_exit(&mut self.vcpu);
+                        (pio.port, pio.is_in)
+                    };
+                    if is_in && self.devices.is_time_dependent(port) && self.mode.is_replay() {
+                        // A live backup learns here if its primary is gone, before the
+                        // device answers from a clock that has not started yet.
+                        let pos = self.stats.sync_exits;
+                        self.rr(|m| m.prefetch(pos))?;
+                    }
                     let pio = vstate::pio_exit(&mut self.vcpu);
                     self.devices
                         .pio(pio.port, pio.size, pio.is_in, pio.data, &self.clock);
@@ -744,6 +790,130 @@ impl Machine {
         }
     }
 
+    /// Sets what decides failover, where a backup's console goes once it is live, and who is
+    /// told of role changes.
+    pub fn set_failover(
+        &mut self,
+        arbiter: Option<Box<dyn Arbiter>>,
+        live_console: Option<Box<dyn Write + Send>>,
+        role_listener: Option<RoleListener>,
+    ) {
+        self.arbiter = arbiter;
+        self.live_console = live_console;
+        self.role_listener = role_listener;
+    }
+
+    /// Runs a record/replay hook; if it finds the live peer gone, settles failover first
+    /// (go on alone, or halt) and runs the hook again in the new mode.
+    fn rr<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Mode) -> Result<T, RrError>,
+    ) -> Result<T, MachineError> {
+        match f(&mut self.mode) {
+            Err(e) if self.mode.is_peer_loss(&e) => {
+                self.failover(&e)?;
+                f(&mut self.mode).map_err(MachineError::from)
+            }
+            r => r.map_err(MachineError::from),
+        }
+    }
+
+    fn set_role(&mut self, role: &str) {
+        tracing::info!(
+            "role: {} -> {role} at position {}",
+            self.role,
+            self.position()
+        );
+        eprintln!(
+            "twinvm: role {} -> {role} at position {}",
+            self.role,
+            self.position()
+        );
+        self.role = role.to_string();
+        if let Some(l) = &mut self.role_listener {
+            l(role);
+        }
+        let pos = self.position();
+        self.write_status_now(pos, "running");
+    }
+
+    /// The peer is gone: ask the arbiter whether this side goes on. The winner goes on alone
+    /// (a backup goes live first); the loser halts at once. Without an arbiter, or while the
+    /// arbiter does not answer, nobody goes on: that is what prevents split brain.
+    fn failover(&mut self, lost: &RrError) -> Result<(), MachineError> {
+        let pos = self.position();
+        let reason = lost.to_string();
+        let backup = self.mode.is_replay();
+        eprintln!(
+            "twinvm: {} lost its peer at position {pos}: {reason}",
+            self.role
+        );
+        let Some(arbiter) = self.arbiter.as_mut() else {
+            self.set_role("halted");
+            return Err(MachineError::Halted {
+                pos,
+                reason,
+                what: "no arbiter is configured (--arbiter), so this side may not go on alone"
+                    .into(),
+            });
+        };
+        let t0 = Instant::now();
+        let won = loop {
+            if self.handle.stop.load(Ordering::Acquire) {
+                return Err(RrError::Interrupted.into());
+            }
+            match arbiter.claim() {
+                Ok(won) => break won,
+                Err(e) => {
+                    eprintln!(
+                        "twinvm: the arbiter did not answer ({e}); the guest stays paused until it does"
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        };
+        let what = arbiter.describe();
+        if !won {
+            self.set_role("halted");
+            return Err(MachineError::Halted {
+                pos,
+                reason,
+                what: format!("the arbiter gave {what} to the other side"),
+            });
+        }
+        eprintln!(
+            "twinvm: won {what} after {:.0?}; going on alone at position {pos}",
+            t0.elapsed()
+        );
+        self.mode = Mode::Live;
+        if backup {
+            self.go_live()?;
+            self.set_role("live-after-failover");
+        } else {
+            self.set_role("alone");
+        }
+        Ok(())
+    }
+
+    /// A backup becomes the machine: the clock runs, its console is shown, its card opens
+    /// the TAP and announces the guest's MAC address so the network delivers here.
+    fn go_live(&mut self) -> Result<(), MachineError> {
+        // Every time-dependent answer so far came from the log and the clock stood at 0;
+        // a fresh clock starting now keeps the device model consistent.
+        self.clock = HostClock::new(false);
+        if let Some(out) = self.live_console.take() {
+            self.console_out = out;
+        }
+        if let (Some(nic), Some(tap)) = (&mut self.nic, self.tap.clone()) {
+            nic.go_live(&tap)?;
+            let wake = self.handle.events.clone();
+            nic.spawn_watcher(move || wake.send(HostEvent::NetReady).is_ok())
+                .map_err(|e| crate::nic::NicError::Transport(format!("TAP watcher: {e}")))?;
+            nic.announce();
+        }
+        Ok(())
+    }
+
     /// Gives the guest the frames its card has room for (live and recording).
     fn deliver_frames(&mut self, pos: u64) -> Result<(), MachineError> {
         let Some(nic) = &mut self.nic else {
@@ -753,7 +923,14 @@ impl Machine {
         while let Some(frame) = nic.next_rx() {
             match nic.transport.device_mut().deliver_rx(&self.mem, &frame) {
                 Ok(crate::devices::virtio::net::RxResult::Delivered) => {
-                    self.mode.net_rx(pos, &frame)?;
+                    self.mode.net_rx(pos, &frame).or_else(|e| {
+                        if self.mode.is_peer_loss(&e) {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })?;
+                    // (A lost backup is noticed by the next hook that talks to it.)
                 }
                 Ok(other) => {
                     tracing::debug!("received frame dropped: {other:?}");
@@ -865,9 +1042,10 @@ impl Machine {
         if self.digest_interval > 0 && pos > 0 && pos % self.digest_interval == 0 {
             self.digest_now(pos)?;
         }
-        self.mode.throttle(&self.handle.stop)?;
+        let stop = self.handle.stop.clone();
+        self.rr(|m| m.throttle(&stop))?;
         self.write_status(pos);
-        if self.mode.stopped_here(pos)? {
+        if self.rr(|m| m.stopped_here(pos))? {
             return Ok(Some(RunOutcome::Stopped(0)));
         }
         loop {
@@ -875,22 +1053,26 @@ impl Machine {
                 return Ok(Some(outcome));
             }
             if self.mode.is_replay() {
-                while let Some(e) = self.mode.next_async(pos)? {
+                while let Some(e) = self.rr(|m| m.next_async(pos))? {
                     self.apply_logged_input(pos, e)?;
                 }
-                break;
+                if self.mode.is_replay() {
+                    break;
+                }
+                // The backup just went live: carry on as a live machine.
+                continue;
             }
             let now = self.clock.mono_ns();
             if self.devices.pit.poll_irq(now) {
                 self.devices.pic.pulse(PIT_IRQ);
-                self.mode.irq_line(pos, PIT_IRQ)?;
+                self.rr(|m| m.irq_line(pos, PIT_IRQ))?;
             }
             if !self.pending_input.is_empty() {
                 let (a, _) = self.pending_input.as_slices();
                 let n = self.devices.serial.enqueue_input(a);
                 if n > 0 {
                     let taken: Vec<u8> = self.pending_input.drain(..n).collect();
-                    self.mode.console_in(pos, &taken)?;
+                    self.rr(|m| m.console_in(pos, &taken))?;
                 }
                 if self.devices.serial.take_irq() {
                     self.devices.pic.pulse(COM1_IRQ);
@@ -927,7 +1109,7 @@ impl Machine {
             }
         }
         self.prepare_entry(pos)?;
-        if self.mode.stopped_here(pos)? {
+        if self.rr(|m| m.stopped_here(pos))? {
             return Ok(Some(RunOutcome::Stopped(0)));
         }
         Ok(None)
@@ -1038,11 +1220,18 @@ impl Machine {
             ("console_hash", self.console_hash),
         ];
         let mut pages = 0u64;
-        self.mode.digest(pos, || {
+        let r = self.mode.digest(pos, || {
             let d = state_digest(vcpu, vm, mem, pos, &console)?;
             pages = d.pages.len() as u64;
             Ok(d)
-        })?;
+        });
+        match r {
+            Err(e) if self.mode.is_peer_loss(&e) => {
+                // No digest to compare or send: settle failover; a live machine takes none.
+                return self.failover(&e);
+            }
+            r => r?,
+        }
         self.stats.digests += 1;
         self.stats.digest_pages += pages;
         self.stats.digest_time += t0.elapsed();
@@ -1070,7 +1259,7 @@ impl Machine {
                 step = self.step_budget > 0 && self.can_step()?;
             }
         }
-        self.mode.inject(pos, vector)?;
+        self.rr(|m| m.inject(pos, vector))?;
         if let Some(v) = vector {
             vstate::inject_interrupt(&self.vcpu, v)?;
             self.stats.injected += 1;

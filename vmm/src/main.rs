@@ -17,6 +17,8 @@ use vmm::rr::{Mode, Recorder, Replayer, RrError};
 const EXIT_POWEROFF: u8 = 0;
 /// Exit status on a VMM error (the message is on standard error).
 const EXIT_ERROR: u8 = 1;
+/// Exit status of a side of a pair that lost its peer and was not allowed to go on alone.
+const EXIT_HALTED: u8 = 4;
 /// Exit status when the guest reset the machine (reboot, triple fault, or a panic with
 /// `panic=-1`).
 const EXIT_RESET: u8 = 3;
@@ -33,6 +35,7 @@ struct Cli {
 }
 
 const EXIT_HELP: &str = "Exit status: 0 the guest powered off (or a replay reached the recorded stop); 3 the guest rebooted or reset; \
+4 halted after losing the peer of a pair without winning the arbiter; \
 128+N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM); 1 an error (one line on stderr).";
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +68,81 @@ struct ChannelArgs {
     /// Interval between heartbeats, in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
+}
+
+/// Failover: the arbiter both sides of a pair ask when they lose each other.
+#[derive(Debug, Args)]
+struct FailoverArgs {
+    /// The arbiter, HOST:PORT. Without it, a side that loses its peer halts.
+    #[arg(long)]
+    arbiter: Option<String>,
+    /// File holding the arbiter's shared secret.
+    #[arg(long)]
+    arbiter_token_file: Option<PathBuf>,
+    /// The pair's generation at the arbiter (both sides the same).
+    #[arg(long, default_value_t = 1)]
+    generation: u64,
+    /// This side's name at the arbiter [default: primary or backup].
+    #[arg(long)]
+    claimant: Option<String>,
+}
+
+/// The arbiter's test-and-set over HTTP.
+struct HttpArbiter {
+    client: arbiter::BlockingClient,
+    vm: String,
+    claimant: String,
+    generation: u64,
+    addr: String,
+}
+
+impl vmm::machine::Arbiter for HttpArbiter {
+    fn claim(&mut self) -> Result<bool, String> {
+        match self
+            .client
+            .test_and_set(&self.vm, &self.claimant, self.generation)
+        {
+            Ok(r) => Ok(r.outcome == arbiter::Outcome::Won),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "generation {} of VM {:?} at the arbiter {}",
+            self.generation, self.vm, self.addr
+        )
+    }
+}
+
+impl FailoverArgs {
+    fn arbiter(
+        &self,
+        vm: &str,
+        role: &str,
+    ) -> anyhow::Result<Option<Box<dyn vmm::machine::Arbiter>>> {
+        let Some(addr) = &self.arbiter else {
+            return Ok(None);
+        };
+        let token = match &self.arbiter_token_file {
+            Some(p) => Some(arbiter::Token::from_file(p)?),
+            None => None,
+        };
+        let config = arbiter::ClientConfig {
+            connect_timeout: std::time::Duration::from_millis(500),
+            request_timeout: std::time::Duration::from_secs(2),
+            attempts: 2,
+            ..Default::default()
+        };
+        let client = arbiter::BlockingClient::with_config(addr.clone(), token, config)?;
+        Ok(Some(Box::new(HttpArbiter {
+            client,
+            vm: vm.to_string(),
+            claimant: self.claimant.clone().unwrap_or_else(|| role.to_string()),
+            generation: self.generation,
+            addr: addr.clone(),
+        })))
+    }
 }
 
 impl ChannelArgs {
@@ -101,6 +179,8 @@ struct PrimaryArgs {
     #[command(flatten)]
     channel: ChannelArgs,
     #[command(flatten)]
+    failover: FailoverArgs,
+    #[command(flatten)]
     guest: GuestArgs,
 }
 
@@ -118,6 +198,8 @@ struct BackupArgs {
     vm_id: String,
     #[command(flatten)]
     channel: ChannelArgs,
+    #[command(flatten)]
+    failover: FailoverArgs,
     #[command(flatten)]
     guest: GuestArgs,
 }
@@ -384,7 +466,15 @@ fn write_stats(
 }
 
 fn run(cfg: &VmConfig, mode: Mode, stats: Option<&Path>) -> anyhow::Result<RunOutcome> {
-    run_boxed(cfg, mode, stats, Box::new(std::io::stdout()), |_| Ok(()))
+    let interactive = !mode.is_replay();
+    run_boxed(
+        cfg,
+        mode,
+        stats,
+        Box::new(std::io::stdout()),
+        interactive,
+        |_| Ok(()),
+    )
 }
 
 fn run_boxed(
@@ -392,9 +482,9 @@ fn run_boxed(
     mode: Mode,
     stats: Option<&Path>,
     console: Box<dyn std::io::Write + Send>,
+    interactive: bool,
     prepare: impl FnOnce(&mut Machine) -> anyhow::Result<()>,
 ) -> anyhow::Result<RunOutcome> {
-    let replay = mode.is_replay();
     let mut machine = Machine::new(cfg, console, mode)?;
     prepare(&mut machine)?;
     let handle = machine.handle();
@@ -409,9 +499,10 @@ fn run_boxed(
             }
         })
         .context("starting the signal thread")?;
-    // A replay never reads the terminal: its console input comes from the log.
-    let _term = (!replay).then(TerminalGuard::new);
-    if !replay {
+    // A replay never reads the terminal: its console input comes from the log (a live
+    // backup forwards the terminal, but the machine ignores it until it goes live).
+    let _term = interactive.then(TerminalGuard::new);
+    if interactive {
         spawn_stdin_forwarder(handle).context("starting the console input thread")?;
     }
     let (outcome, log_bytes) = machine.run()?;
@@ -546,10 +637,16 @@ impl OutputDelays {
     }
 }
 
+/// What became of a primary whose backup is gone (see `spawn_output_releaser`).
+const DECISION_PENDING: u8 = 0;
+const DECISION_ALONE: u8 = 1;
+const DECISION_HALTED: u8 = 2;
+
 fn spawn_output_releaser(
     sender: Arc<logchannel::transport::LogSender>,
     rx: std::sync::mpsc::Receiver<Held>,
     tap_rx: std::sync::mpsc::Receiver<Option<vmm::nic::TapWriter>>,
+    decision: Arc<std::sync::atomic::AtomicU8>,
 ) -> std::thread::JoinHandle<OutputDelays> {
     std::thread::spawn(move || {
         let mut out = std::io::stdout();
@@ -557,16 +654,22 @@ fn spawn_output_releaser(
         // The TAP writer comes once the machine (which opens the TAP) exists.
         let mut tap = tap_rx.recv().ok().flatten();
         for Held { seq, what, at } in rx {
-            // Held until acknowledged; if the channel fails first, this output is never
-            // released (a backup that takes over produces it instead).
+            // Held until acknowledged. If the backup is lost first, the output waits for the
+            // arbiter: released if this primary goes on alone, dropped for good if it halts
+            // (the backup that took over produces it instead).
+            use std::sync::atomic::Ordering::Acquire;
             loop {
-                match sender.wait_acked_seq(seq, std::time::Duration::from_millis(500)) {
+                if decision.load(Acquire) == DECISION_ALONE {
+                    break;
+                }
+                match sender.wait_acked_seq(seq, std::time::Duration::from_millis(200)) {
                     Ok(true) => break,
                     Ok(false) => continue,
-                    Err(e) => {
-                        tracing::warn!("console output held for good: {e}");
-                        return stats;
-                    }
+                    Err(_) => match decision.load(Acquire) {
+                        DECISION_ALONE => break,
+                        DECISION_HALTED => return stats,
+                        _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+                    },
                 }
             }
             stats.delays.push(at.elapsed());
@@ -614,7 +717,9 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let sender = Arc::new(sender);
     let (tx, rx) = std::sync::mpsc::channel();
     let (tap_tx, tap_rx) = std::sync::mpsc::channel();
-    let releaser = spawn_output_releaser(sender.clone(), rx, tap_rx);
+    let decision = Arc::new(std::sync::atomic::AtomicU8::new(DECISION_PENDING));
+    let releaser = spawn_output_releaser(sender.clone(), rx, tap_rx, decision.clone());
+    let arbiter = args.failover.arbiter(&args.vm_id, "primary")?;
     let recorder = Recorder::live(
         sender.clone(),
         vmm::rr::LagLimit {
@@ -627,17 +732,35 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
         tx,
     };
     let frames = out.clone();
+    let decided = decision.clone();
     let result = run_boxed(
         &cfg,
         Mode::Record(recorder),
         args.guest.stats.as_deref(),
         Box::new(out),
+        true,
         move |m| {
             let writer = m.hold_frames(Box::new(frames))?;
             let _ = tap_tx.send(writer);
+            let d = decided;
+            m.set_failover(
+                arbiter,
+                None,
+                Some(Box::new(move |role: &str| {
+                    let v = match role {
+                        "alone" => DECISION_ALONE,
+                        "halted" => DECISION_HALTED,
+                        _ => return,
+                    };
+                    d.store(v, std::sync::atomic::Ordering::Release);
+                })),
+            );
             Ok(())
         },
     );
+    if result.is_err() {
+        decision.store(DECISION_HALTED, std::sync::atomic::Ordering::Release);
+    }
     // The machine (and its HeldOutput) is gone: the releaser drains what is held.
     let delays = releaser.join().unwrap_or_default();
     if !delays.delays.is_empty() {
@@ -672,12 +795,17 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         }
         None => Box::new(std::io::sink()),
     };
+    let arbiter = args.failover.arbiter(&args.vm_id, "backup")?;
     run_boxed(
         &cfg,
         Mode::Replay(Box::new(Replayer::live(rx))),
         args.guest.stats.as_deref(),
         console,
-        |_| Ok(()),
+        true,
+        move |m| {
+            m.set_failover(arbiter, Some(Box::new(std::io::stdout())), None);
+            Ok(())
+        },
     )
 }
 
@@ -770,6 +898,10 @@ fn main() -> ExitCode {
             ExitCode::from(128 + sig as u8)
         }
         Err(e) => {
+            if let Some(h @ vmm::machine::MachineError::Halted { .. }) = e.downcast_ref() {
+                eprintln!("twinvm: {h}");
+                return ExitCode::from(EXIT_HALTED);
+            }
             eprintln!("twinvm: error: {e:#}");
             ExitCode::from(EXIT_ERROR)
         }

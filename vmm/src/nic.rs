@@ -69,6 +69,22 @@ pub fn from_cmdline(cmdline: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
+/// A RARP "request reverse" broadcast from `mac`: the frame a moved VM sends so that
+/// learning switches update their tables.
+pub fn rarp_announce(mac: &[u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0x80, 0x35]); // EtherType RARP
+    f.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x03]); // Ethernet/IPv4, op 3
+    f.extend_from_slice(mac); // sender hardware address
+    f.extend_from_slice(&[0; 4]); // sender protocol address
+    f.extend_from_slice(mac); // target hardware address
+    f.extend_from_slice(&[0; 4]); // target protocol address
+    f.resize(60, 0); // minimum Ethernet frame without FCS
+    f
+}
+
 /// Where the frames the guest transmits go.
 pub trait FrameSink: Send {
     /// Takes one transmitted frame.
@@ -232,6 +248,38 @@ impl Nic {
         }
     }
 
+    /// Connects the card of a backup that goes live to its TAP: frames received there go to
+    /// the guest from now on, and transmitted frames go out through it.
+    pub fn go_live(&mut self, tap: &str) -> Result<(), NicError> {
+        let mut t = Tap::open(tap)?;
+        // Frames that queued on the TAP while nobody read it went to the primary too, or
+        // were sent after it died and will be sent again: they are not for this guest.
+        let mut buf = vec![0u8; 65536];
+        let mut stale = 0;
+        while let Ok(Some(_)) = t.read_frame(&mut buf) {
+            stale += 1;
+        }
+        if stale > 0 {
+            tracing::info!("dropped {stale} frames queued on TAP {tap} before going live");
+        }
+        self.tx = Box::new(TapWriter::dup(&t).map_err(|source| NicError::Dup {
+            name: tap.to_string(),
+            source,
+        })?);
+        self.tap = Some(t);
+        Ok(())
+    }
+
+    /// Announces the guest's MAC address on the network with RARP broadcasts (as VMware FT
+    /// does), so that switches learn its new port.
+    pub fn announce(&mut self) {
+        let mac = self.transport.device().mac();
+        let frame = rarp_announce(&mac);
+        for _ in 0..3 {
+            self.tx.frame(frame.clone());
+        }
+    }
+
     /// Whether the card reads from a TAP.
     pub fn has_tap(&self) -> bool {
         self.tap.is_some()
@@ -307,5 +355,17 @@ mod tests {
         assert_eq!(parse_mac("52:54:00:12:34"), None);
         assert_eq!(parse_mac("52:54:00:12:34:56:78"), None);
         assert_eq!(format_mac(&DEFAULT_MAC), "52:54:00:74:77:01");
+    }
+
+    #[test]
+    fn rarp_announcement_layout() {
+        let f = rarp_announce(&DEFAULT_MAC);
+        assert_eq!(f.len(), 60);
+        assert_eq!(&f[..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &DEFAULT_MAC);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[20..22], &[0x00, 0x03]);
+        assert_eq!(&f[22..28], &DEFAULT_MAC);
+        assert_eq!(&f[32..38], &DEFAULT_MAC);
     }
 }

@@ -54,6 +54,15 @@ pub enum RrError {
     /// The log channel to the backup or from the primary failed.
     #[error("log channel: {0}")]
     Channel(#[from] TransportError),
+    /// The live peer is gone: the primary's stream ended before the replay's need (seen by
+    /// the backup), or the backup stopped acknowledging (seen by the primary).
+    #[error("the peer is lost at position {pos}: {reason}")]
+    PeerLost {
+        /// Where the loss was noticed.
+        pos: u64,
+        /// What the channel said.
+        reason: String,
+    },
     /// The replay was asked to stop while it waited for the primary's next entry.
     #[error("stopped while waiting for the log")]
     Interrupted,
@@ -248,7 +257,8 @@ impl Replayer {
         self.index
     }
 
-    fn fill(&mut self, pos: u64) -> Result<(), RrError> {
+    /// Reads ahead the next entry (blocking on a live stream).
+    pub fn fill(&mut self, pos: u64) -> Result<(), RrError> {
         if self.next.is_none() && !self.eof {
             match &mut self.source {
                 Source::File(reader) => match reader.next() {
@@ -271,12 +281,14 @@ impl Replayer {
                             break;
                         }
                         Ok(None) => continue,
-                        // An orderly close: the primary's log is complete.
-                        Err(TransportError::Closed { .. }) => {
-                            self.eof = true;
-                            break;
+                        // The replay needs more, and the primary's stream has ended: closed
+                        // without an End (it died), gone silent, or damaged.
+                        Err(e) => {
+                            return Err(RrError::PeerLost {
+                                pos,
+                                reason: e.to_string(),
+                            })
                         }
-                        Err(e) => return Err(e.into()),
                     }
                 },
             }
@@ -362,6 +374,33 @@ impl Mode {
     /// Whether inputs come from the log.
     pub fn is_replay(&self) -> bool {
         matches!(self, Mode::Replay(_))
+    }
+
+    /// Whether `e` means the live peer is gone (and failover should decide what happens).
+    pub fn is_peer_loss(&self, e: &RrError) -> bool {
+        match (self, e) {
+            (Mode::Replay(r), RrError::PeerLost { .. }) => r.is_live(),
+            (Mode::Record(r), RrError::Channel(_)) => matches!(r.sink, Sink::Net(_)),
+            _ => false,
+        }
+    }
+
+    /// Whether this is one side of a live pair.
+    pub fn is_paired(&self) -> bool {
+        match self {
+            Mode::Replay(r) => r.is_live(),
+            Mode::Record(r) => matches!(r.sink, Sink::Net(_)),
+            Mode::Live => false,
+        }
+    }
+
+    /// In a live replay, waits until the entry needed at `pos` is there (or the stream has
+    /// ended), so that a loss of the primary is noticed before the machine acts.
+    pub fn prefetch(&mut self, pos: u64) -> Result<(), RrError> {
+        match self {
+            Mode::Replay(r) if r.is_live() => r.fill(pos),
+            _ => Ok(()),
+        }
     }
 
     /// Lets a replay waiting on a live primary notice a stop request.
