@@ -452,6 +452,145 @@ pub fn main_with(name: &str, body: impl FnOnce() -> Result<()>) -> std::process:
     }
 }
 
+/// Everything a process wrote on standard output so far, byte for byte (not lossily as
+/// [`Vm::console`] gives it): for comparing consoles exactly.
+pub fn console_bytes(vm: &Vm) -> Vec<u8> {
+    vm.out.lock().map(|o| o.clone()).unwrap_or_default()
+}
+
+/// Waits until the process's standard error contains `needle`; returns the rest of that
+/// line. An error carrying its console and standard error if it exits first or `timeout`
+/// passes (unlike [`Vm::wait_for_stderr`], which panics).
+pub fn wait_stderr(t: &Timed, needle: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let err = t.vm.stderr();
+        if let Some(i) = err.find(needle) {
+            let rest = &err[i + needle.len()..];
+            return Ok(rest.lines().next().unwrap_or("").to_string());
+        }
+        if has_exited(t.vm.pid) {
+            return Err(t.failure(format!("twinvm exited before printing {needle:?}")));
+        }
+        if Instant::now() > deadline {
+            return Err(t.failure(format!("no {needle:?} on stderr after {timeout:?}")));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The unsigned integer written just before `needle` in `text`
+/// (`"..., 12 state digests matched"` with `" state digests matched"` gives 12).
+pub fn number_before(text: &str, needle: &str) -> Option<u64> {
+    let (before, _) = text.split_once(needle)?;
+    before
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The unsigned integer written just after `needle` in `text`.
+pub fn number_after(text: &str, needle: &str) -> Option<u64> {
+    let (_, after) = text.split_once(needle)?;
+    after
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A [`Duration`] as its `Debug` format prints it (`1.23ms`, `456.00µs`, `2.10s`, `0ns`),
+/// in seconds.
+pub fn parse_debug_duration(s: &str) -> Option<f64> {
+    let s = s.trim();
+    // Longest suffixes first: "ms" and "ns" also end in "s".
+    for (unit, scale) in [
+        ("ns", 1e-9),
+        ("µs", 1e-6),
+        ("us", 1e-6),
+        ("ms", 1e-3),
+        ("s", 1.0),
+    ] {
+        if let Some(num) = s.strip_suffix(unit) {
+            return num.trim().parse::<f64>().ok().map(|x| x * scale);
+        }
+    }
+    None
+}
+
+/// A `twinvm --status FILE` report: its JSON and when it was written (the file's mtime;
+/// twinvm writes a temporary file and renames it, so the mtime is that of the write).
+#[derive(Debug, Clone)]
+pub struct StatusSample {
+    /// When the file was written, in seconds since the Unix epoch.
+    pub written: f64,
+    /// Its contents.
+    pub json: serde_json::Value,
+}
+
+impl StatusSample {
+    /// Reads a status file; `None` if it does not exist (yet) or does not parse.
+    pub fn read(path: &Path) -> Option<StatusSample> {
+        use std::io::Read as _;
+        // Metadata and contents from the same open file, so that both are of one write.
+        let mut f = std::fs::File::open(path).ok()?;
+        let written = f
+            .metadata()
+            .ok()?
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64();
+        let mut text = String::new();
+        f.read_to_string(&mut text).ok()?;
+        let json = serde_json::from_str(&text).ok()?;
+        Some(StatusSample { written, json })
+    }
+
+    /// A numeric field.
+    pub fn f(&self, key: &str) -> Option<f64> {
+        self.json.get(key).and_then(serde_json::Value::as_f64)
+    }
+
+    /// A string field.
+    pub fn s(&self, key: &str) -> Option<&str> {
+        self.json.get(key).and_then(serde_json::Value::as_str)
+    }
+}
+
+/// The time now in seconds since the Unix epoch, the clock of [`StatusSample::written`].
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(f64::NAN)
+}
+
+/// Linear interpolation of `y` at `x` over `series`, points `(x, y)` with `x` increasing;
+/// `None` outside the series' range (or for an empty one).
+pub fn interpolate(series: &[(f64, f64)], x: f64) -> Option<f64> {
+    let i = series.iter().position(|&(sx, _)| sx >= x)?;
+    let (x1, y1) = series[i];
+    if x1 == x {
+        return Some(y1);
+    }
+    let (x0, y0) = *series.get(i.checked_sub(1)?)?;
+    Some(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+}
+
+/// The `p`-th quantile (0..=1) of `v` by nearest rank, as twinvm computes its own; NaN for
+/// an empty slice.
+pub fn quantile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,5 +634,31 @@ mod tests {
     #[test]
     fn own_process_is_running() {
         assert!(!has_exited(std::process::id()));
+    }
+
+    #[test]
+    fn numbers_and_durations_from_stderr_lines() {
+        let l = "twinvm: output rule: 5120 bytes in 77 chunks held for the backup's ack: median 1.25ms, p99 40.00µs";
+        assert_eq!(number_before(l, " bytes in "), Some(5120));
+        assert_eq!(number_after(l, " bytes in "), Some(77));
+        assert_eq!(number_before(l, "nothing"), None);
+        assert_eq!(parse_debug_duration("1.25ms"), Some(1.25e-3));
+        assert!((parse_debug_duration("40.00µs").unwrap() - 40e-6).abs() < 1e-12);
+        assert_eq!(parse_debug_duration("2.50s"), Some(2.5));
+        assert_eq!(parse_debug_duration("0ns"), Some(0.0));
+        assert_eq!(parse_debug_duration("fast"), None);
+    }
+
+    #[test]
+    fn interpolation_and_quantiles() {
+        let s = [(0.0, 0.0), (1.0, 10.0), (3.0, 30.0)];
+        assert_eq!(interpolate(&s, 0.5), Some(5.0));
+        assert_eq!(interpolate(&s, 2.0), Some(20.0));
+        assert_eq!(interpolate(&s, 3.0), Some(30.0));
+        assert_eq!(interpolate(&s, -1.0), None);
+        assert_eq!(interpolate(&s, 4.0), None);
+        assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.99), 5.0);
+        assert!(quantile(&[], 0.5).is_nan());
     }
 }
