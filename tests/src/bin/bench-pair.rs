@@ -101,8 +101,10 @@ fn plain_run(
 /// p99 delay in seconds.
 fn output_rule(stderr: &str) -> Option<(f64, f64, f64, f64)> {
     let line = stderr.lines().find(|l| l.contains("output rule: "))?;
-    let bytes = bench::number_before(line, " bytes in ")?;
-    let chunks = bench::number_after(line, " bytes in ")?;
+    // "B bytes in C chunks", or since the NIC "B console bytes and F frames in C chunks".
+    let bytes = bench::number_before(line, " console bytes")
+        .or_else(|| bench::number_before(line, " bytes in "))?;
+    let chunks = bench::number_before(line, " chunks held")?;
     let median = line.split_once("median ")?.1.split(',').next()?;
     let p99 = line.split_once("p99 ")?.1;
     Some((
@@ -330,6 +332,17 @@ fn pair_run(
         digests: (recorded, matched),
         samples: samples.len(),
     }))
+}
+
+#[test]
+fn output_rule_line_both_formats() {
+    let old = "twinvm: output rule: 7866 bytes in 7866 chunks held for the backup's ack: median 416.00µs, p99 10.09ms";
+    let new = "twinvm: output rule: 7866 console bytes and 0 frames in 7866 chunks held for the backup's ack: median 1.00ms, p99 2.00s";
+    let o = output_rule(old).unwrap();
+    assert_eq!((o.0, o.1), (7866.0, 7866.0));
+    assert!((o.3 - 0.01009).abs() < 1e-9);
+    let n = output_rule(new).unwrap();
+    assert_eq!((n.0, n.1, n.3), (7866.0, 7866.0, 2.0));
 }
 
 fn main() -> std::process::ExitCode {
