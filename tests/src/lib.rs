@@ -212,6 +212,11 @@ impl Vm {
         unsafe { libc::kill(self.pid as i32, sig) };
     }
 
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.try_wait()
+    }
+
     fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child
             .as_mut()

@@ -23,7 +23,11 @@ impl Drop for Arbiter {
 
 fn start_arbiter(host: &Host, dir: &std::path::Path) -> (Arbiter, String, String) {
     let token = dir.join("arbiter.token");
-    std::fs::write(&token, "failover-test-secret-0123456789").unwrap();
+    if !token.exists() {
+        std::fs::write(&token, "failover-test-secret-0123456789").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let addr = format!("{}:7500", host.addr);
     let child = Command::new("ip")
         .args(["netns", "exec", &host.netns])
@@ -46,6 +50,209 @@ fn ask(reader: &mut BufReader<std::net::TcpStream>, s: &mut std::net::TcpStream,
     let (count, echoed) = line.trim_end().split_once(' ').expect("`<n> <line>`");
     assert_eq!(echoed, req, "answer {line:?}");
     count.parse().expect("count")
+}
+
+/// An arbiter, a primary, a backup and a client, with the guest's counter service up and
+/// one client connection open.
+struct Pair {
+    topo: Topology,
+    primary_host: Host,
+    client: Host,
+    arb: Host,
+    dir: std::path::PathBuf,
+    arbiter: Option<Arbiter>,
+    token: String,
+    arb_addr: String,
+    primary: Vm,
+    backup: Vm,
+}
+
+/// Starts the pair; with `direct`, the log channel runs over a private link `lc0` between
+/// the primary and the backup (which a test can cut) instead of the shared segment.
+fn start_pair(name: &str, direct: bool) -> Pair {
+    let mut topo = Topology::new();
+    let primary = topo.host("primary", 11, true);
+    let backup = topo.host("backup", 12, true);
+    let client = topo.host("client", 1, false);
+    let arb = topo.host("arbiter", 13, false);
+    let listen_ip = if direct {
+        topo.direct_link(&primary, &backup).1
+    } else {
+        backup.addr.clone()
+    };
+    let dir = std::env::temp_dir().join(format!("twinvm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (arbiter, arb_addr, token) = start_arbiter(&arb, &dir);
+    let append = format!("twinvm.ip={GUEST_IP}/{PREFIX} twinvm.run=counter");
+    let listen = format!("{listen_ip}:7300");
+    let common = [
+        "--tap",
+        "tap0",
+        "--arbiter",
+        &arb_addr,
+        "--arbiter-token-file",
+        &token,
+        "--peer-timeout-ms",
+        "2000",
+        "--append",
+        &append,
+    ];
+    let console = dir.join("backup.console");
+    let mut b_args = vec![
+        "backup",
+        "--listen",
+        &listen,
+        "--console-log",
+        console.to_str().unwrap(),
+    ];
+    b_args.extend_from_slice(&common);
+    let mut bvm = Vm::spawn_in(Some(&backup.netns), &b_args);
+    bvm.wait_for_stderr("backup listening on", Duration::from_secs(30));
+    let mut p_args = vec!["primary", "--backup", &listen];
+    p_args.extend_from_slice(&common);
+    let mut pvm = Vm::spawn_in(Some(&primary.netns), &p_args);
+    pvm.wait_for("twinvm-counter: listening", 0, BOOT_TIMEOUT);
+    Pair {
+        topo,
+        primary_host: primary,
+        client,
+        arb,
+        dir,
+        arbiter: Some(arbiter),
+        token,
+        arb_addr,
+        primary: pvm,
+        backup: bvm,
+    }
+}
+
+/// One client connection to the guest's counter service.
+struct Session {
+    s: std::net::TcpStream,
+    reader: BufReader<std::net::TcpStream>,
+}
+
+impl Session {
+    fn open(client: &Host) -> Session {
+        let service: SocketAddr = format!("{GUEST_IP}:7000").parse().unwrap();
+        let s = connect_from(client, service, Duration::from_secs(30)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let reader = BufReader::new(s.try_clone().unwrap());
+        Session { s, reader }
+    }
+
+    /// Sends requests `from..=to` and checks each count is the request's number.
+    fn requests(&mut self, tag: &str, from: u64, to: u64) {
+        for i in from..=to {
+            assert_eq!(ask(&mut self.reader, &mut self.s, &format!("{tag}-{i}")), i);
+        }
+    }
+}
+
+#[test]
+fn killing_the_backup_lets_the_primary_go_on_alone() {
+    let mut pair = start_pair("backup-dies", false);
+    let mut session = Session::open(&pair.client);
+    session.requests("before", 1, 10);
+    pair.backup.signal(libc::SIGKILL);
+    pair.backup.wait_exit(Duration::from_secs(30));
+    // Output flows again once the primary has the arbiter's answer.
+    session.requests("after", 11, 20);
+    let err = pair.primary.stderr();
+    assert!(err.contains("primary -> alone"), "{err}");
+    pair.primary.signal(libc::SIGTERM);
+    pair.primary.wait_exit(Duration::from_secs(60));
+    drop(pair.topo);
+}
+
+#[test]
+fn cutting_the_log_channel_leaves_exactly_one_side_running() {
+    let mut pair = start_pair("split", true);
+    let mut session = Session::open(&pair.client);
+    session.requests("before", 1, 10);
+    // Cut the log channel only: both sides still reach the arbiter and the network.
+    Topology::set_link(&pair.primary_host, "lc0", false);
+    // The loser halts (exit status 4); the winner goes on and keeps answering.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (winner, loser) = loop {
+        if let Some(st) = pair.primary.exited() {
+            break ("backup", ("primary", st, pair.primary.stderr()));
+        }
+        if let Some(st) = pair.backup.exited() {
+            break ("primary", ("backup", st, pair.backup.stderr()));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither side halted after the cut"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (loser_name, st, loser_err) = loser;
+    assert_eq!(
+        st.code(),
+        Some(4),
+        "{loser_name} should halt with status 4: {loser_err}"
+    );
+    assert!(loser_err.contains("halted"), "{loser_err}");
+    session.requests("after", 11, 20);
+    let still = if winner == "primary" {
+        &mut pair.primary
+    } else {
+        &mut pair.backup
+    };
+    assert!(
+        still.exited().is_none(),
+        "the winner ({winner}) must still run"
+    );
+    eprintln!("split brain settled: {winner} went on, {loser_name} halted");
+}
+
+#[test]
+fn without_the_arbiters_answer_nobody_goes_on_alone() {
+    let mut pair = start_pair("no-arbiter", false);
+    let mut session = Session::open(&pair.client);
+    session.requests("before", 1, 10);
+    // The arbiter goes away, then the primary dies.
+    drop(pair.arbiter.take());
+    pair.primary.signal(libc::SIGKILL);
+    pair.primary.wait_exit(Duration::from_secs(30));
+    // The backup replays what it has, notices the loss, and finds no arbiter: it must
+    // wait, with its guest paused, rather than go live.
+    pair.backup
+        .wait_for_stderr("the arbiter did not answer", BOOT_TIMEOUT);
+    session
+        .s
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    writeln!(session.s, "during-11").unwrap();
+    let mut line = String::new();
+    let r = session.reader.read_line(&mut line);
+    assert!(
+        r.is_err() || line.is_empty(),
+        "the backup answered without the arbiter's answer: {line:?}"
+    );
+    assert!(
+        pair.backup.exited().is_none(),
+        "the backup must wait, not exit"
+    );
+    let err = pair.backup.stderr();
+    assert!(!err.contains("live-after-failover"), "{err}");
+    // The arbiter comes back (same data): the backup wins and answers the waiting request.
+    let (arbiter, _, _) = start_arbiter(&pair.arb, &pair.dir);
+    pair.arbiter = Some(arbiter);
+    session
+        .s
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    line.clear();
+    session
+        .reader
+        .read_line(&mut line)
+        .expect("answer after the arbiter returned");
+    assert_eq!(line.trim_end(), "11 during-11");
+    session.requests("after", 12, 15);
+    assert!(pair.backup.stderr().contains("-> live-after-failover"));
+    let _ = (&pair.token, &pair.arb_addr);
 }
 
 #[test]
