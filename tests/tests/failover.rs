@@ -257,69 +257,24 @@ fn without_the_arbiters_answer_nobody_goes_on_alone() {
 
 #[test]
 fn killing_the_primary_hands_the_tcp_connection_to_the_backup() {
-    let mut topo = Topology::new();
-    let primary = topo.host("primary", 11, true);
-    let backup = topo.host("backup", 12, true);
-    let client = topo.host("client", 1, false);
-    let arb = topo.host("arbiter", 13, false);
-    let dir = std::env::temp_dir().join(format!("twinvm-failover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (_arbiter, arb_addr, token) = start_arbiter(&arb, &dir);
-    let append = format!("twinvm.ip={GUEST_IP}/{PREFIX} twinvm.run=counter");
-    let listen = format!("{}:7300", backup.addr);
-    let common = [
-        "--tap",
-        "tap0",
-        "--arbiter",
-        &arb_addr,
-        "--arbiter-token-file",
-        &token,
-        "--peer-timeout-ms",
-        "2000",
-        "--append",
-        &append,
-    ];
-    let console = dir.join("backup.console");
-    let mut b_args = vec![
-        "backup",
-        "--listen",
-        &listen,
-        "--console-log",
-        console.to_str().unwrap(),
-    ];
-    b_args.extend_from_slice(&common);
-    let mut bvm = Vm::spawn_in(Some(&backup.netns), &b_args);
-    bvm.wait_for_stderr("backup listening on", Duration::from_secs(30));
-    let mut p_args = vec!["primary", "--backup", &listen];
-    p_args.extend_from_slice(&common);
-    let mut pvm = Vm::spawn_in(Some(&primary.netns), &p_args);
-    pvm.wait_for("twinvm-counter: listening", 0, BOOT_TIMEOUT);
+    let mut pair = start_pair("primary-dies", false);
+    let mut session = Session::open(&pair.client);
+    session.requests("before", 1, 20);
 
-    let service: SocketAddr = format!("{GUEST_IP}:7000").parse().unwrap();
-    let mut s = connect_from(&client, service, Duration::from_secs(30)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut reader = BufReader::new(s.try_clone().unwrap());
-    for i in 1..=20u64 {
-        assert_eq!(ask(&mut reader, &mut s, &format!("before-{i}")), i);
-    }
-
-    pvm.signal(libc::SIGKILL);
+    pair.primary.signal(libc::SIGKILL);
     let killed = Instant::now();
-    let st = pvm.wait_exit(Duration::from_secs(30));
+    let st = pair.primary.wait_exit(Duration::from_secs(30));
     assert_eq!(st.code(), None, "the primary was killed by a signal");
 
     // The same connection, against the backup now: every request answered once, the count
     // carrying on from the primary's.
-    let mut first_answer = None;
-    for i in 21..=40u64 {
-        assert_eq!(ask(&mut reader, &mut s, &format!("after-{i}")), i);
-        first_answer.get_or_insert_with(|| killed.elapsed());
-    }
-    let takeover = first_answer.unwrap();
+    session.requests("after", 21, 21);
+    let takeover = killed.elapsed();
+    session.requests("after", 22, 40);
     eprintln!("takeover: first answer from the backup {takeover:.2?} after the kill");
-    let err = bvm.stderr();
+    let err = pair.backup.stderr();
     assert!(err.contains("-> live-after-failover"), "{err}");
     assert!(err.contains("won generation 1"), "{err}");
-    bvm.signal(libc::SIGTERM);
-    bvm.wait_exit(Duration::from_secs(60));
+    pair.backup.signal(libc::SIGTERM);
+    pair.backup.wait_exit(Duration::from_secs(60));
 }

@@ -1294,52 +1294,42 @@ impl Machine {
         Ok(true)
     }
 
+    /// The guest's general registers.
+    fn regs(&self) -> Result<kvm_bindings::kvm_regs, MachineError> {
+        self.vcpu.get_regs().map_err(|source| {
+            VstateError::Ioctl {
+                what: "read registers",
+                source,
+            }
+            .into()
+        })
+    }
+
+    /// The guest physical address of guest virtual address `gva`, if it is mapped.
+    fn guest_phys(&self, gva: u64) -> Option<GuestAddress> {
+        match self.vcpu.translate_gva(gva) {
+            Ok(t) if t.valid != 0 => Some(GuestAddress(t.physical_address)),
+            _ => None,
+        }
+    }
+
     /// Whether the `iret` about to run returns to user mode: the CS it pops (at RSP + 8) has
     /// a non-zero privilege level. When the frame cannot be read, assume it does.
     fn iret_goes_to_user(&self) -> Result<bool, MachineError> {
-        let rsp = self
-            .vcpu
-            .get_regs()
-            .map(|r| r.rsp)
-            .map_err(|source| VstateError::Ioctl {
-                what: "read registers",
-                source,
-            })?;
-        let Ok(t) = self.vcpu.translate_gva(rsp.wrapping_add(8)) else {
-            return Ok(true);
-        };
-        if t.valid == 0 {
-            return Ok(true);
-        }
-        Ok(
-            match self.mem.read_obj::<u64>(GuestAddress(t.physical_address)) {
-                Ok(cs) => cs & 3 != 0,
-                Err(_) => true,
-            },
-        )
+        let rsp = self.regs()?.rsp;
+        Ok(self
+            .guest_phys(rsp.wrapping_add(8))
+            .and_then(|a| self.mem.read_obj::<u64>(a).ok())
+            .is_none_or(|cs| cs & 3 != 0))
     }
 
     /// Reads the first bytes of the instruction at the guest's RIP (kernel mode only).
     fn next_insn(&self) -> Result<Option<[u8; 3]>, MachineError> {
-        let rip = self
-            .vcpu
-            .get_regs()
-            .map(|r| r.rip)
-            .map_err(|source| VstateError::Ioctl {
-                what: "read registers",
-                source,
-            })?;
-        let Ok(t) = self.vcpu.translate_gva(rip) else {
-            return Ok(None);
-        };
-        if t.valid == 0 {
-            return Ok(None);
-        }
+        let rip = self.regs()?.rip;
         let mut insn = [0u8; 3];
         Ok(self
-            .mem
-            .read_slice(&mut insn, GuestAddress(t.physical_address))
-            .ok()
+            .guest_phys(rip)
+            .and_then(|a| self.mem.read_slice(&mut insn, a).ok())
             .map(|()| insn))
     }
 
@@ -1347,25 +1337,13 @@ impl Machine {
     /// to step, and `pushf` would otherwise hand it to the guest, which would later restore
     /// it with `popf` and take a debug trap of its own.
     fn scrub_pushed_tf(&mut self) -> Result<(), MachineError> {
-        let rsp = self
-            .vcpu
-            .get_regs()
-            .map(|r| r.rsp)
-            .map_err(|source| VstateError::Ioctl {
-                what: "read registers",
-                source,
-            })?;
-        let Ok(t) = self.vcpu.translate_gva(rsp) else {
-            return Ok(());
-        };
-        if t.valid == 0 {
-            return Ok(());
-        }
-        let addr = GuestAddress(t.physical_address);
-        if let Ok(flags) = self.mem.read_obj::<u64>(addr) {
-            const RFLAGS_TF: u64 = 1 << 8;
-            if flags & RFLAGS_TF != 0 {
-                let _ = self.mem.write_obj(flags & !RFLAGS_TF, addr);
+        const RFLAGS_TF: u64 = 1 << 8;
+        let rsp = self.regs()?.rsp;
+        if let Some(addr) = self.guest_phys(rsp) {
+            if let Ok(flags) = self.mem.read_obj::<u64>(addr) {
+                if flags & RFLAGS_TF != 0 {
+                    let _ = self.mem.write_obj(flags & !RFLAGS_TF, addr);
+                }
             }
         }
         Ok(())

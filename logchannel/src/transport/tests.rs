@@ -358,19 +358,20 @@ fn heartbeats_keep_an_idle_channel_alive() {
         peer_timeout: Duration::from_millis(800),
         handshake_timeout: GUARD,
     };
-    let (addr, rx_thread) = backup(config, |l| {
+    // The backup says when its idle period is over, so the entry cannot arrive inside it
+    // however the two threads are scheduled.
+    let (idle_done, idle_over) = std::sync::mpsc::channel();
+    let (addr, rx_thread) = backup(config, move |l| {
         let mut r = accept_ours(&l).unwrap();
         // Idle well past the peer timeout; nothing must arrive and nothing must fail.
         assert_eq!(r.recv_timeout(Duration::from_millis(2000)).unwrap(), None);
+        idle_done.send(()).unwrap();
         let e = r.recv_timeout(GUARD).unwrap();
         (e, r.recv_timeout(GUARD).unwrap_err())
     });
     let tx = LogSender::connect(addr, header(), config).unwrap();
-    assert_eq!(
-        tx.wait_failure(Duration::from_millis(2000))
-            .map(|e| e.to_string()),
-        None
-    );
+    idle_over.recv_timeout(GUARD).unwrap();
+    assert_eq!(tx.failure().map(|e| e.to_string()), None);
     tx.send(&entry(7)).unwrap();
     assert!(tx.wait_acked(Position(7), GUARD).unwrap());
     tx.close().unwrap();
