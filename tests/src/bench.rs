@@ -591,6 +591,80 @@ pub fn quantile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Spawns `twinvm args` inside network namespace `netns` (see [`Vm::spawn_in`]), noting the
+/// time first.
+pub fn spawn_timed_in(netns: &str, args: &[&str]) -> Timed {
+    let t0 = Instant::now();
+    let vm = Vm::spawn_in(Some(netns), args);
+    Timed { vm, t0 }
+}
+
+/// Waits until the status file `path` has been rewritten after `after` (seconds since the
+/// Unix epoch, the clock of [`StatusSample::written`]) and returns that report. An error
+/// if `timeout` passes first (twinvm rewrites it at an exit once a second has passed).
+pub fn fresh_status(path: &Path, after: f64, timeout: Duration) -> Result<StatusSample> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = StatusSample::read(path) {
+            if s.written > after {
+                return Ok(s);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{} was not rewritten within {timeout:?}", path.display()).into());
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Connects to `addr` from inside `host`'s namespace, retrying every half second while it
+/// is not reachable yet, up to `timeout`.
+pub fn connect_retry(
+    host: &crate::netns::Host,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<std::net::TcpStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match crate::netns::connect_from(host, addr, Duration::from_secs(5)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("connecting to {addr} from {}: {e}", host.netns).into())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// Checks one answer of the guest's counter service (`twinvm.run=counter`, which answers
+/// each line with `<count> <line>`) to `request`: it must echo the request and, if
+/// `previous` is known, count one more than it. Returns the count, or the anomaly.
+pub fn check_counter_answer(
+    answer: &str,
+    request: &str,
+    previous: Option<u64>,
+) -> std::result::Result<u64, String> {
+    let answer = answer.trim_end_matches(['\r', '\n']);
+    let (count, echoed) = answer
+        .split_once(' ')
+        .and_then(|(c, l)| c.parse::<u64>().ok().map(|c| (c, l)))
+        .ok_or_else(|| format!("malformed answer {answer:?} to {request:?}"))?;
+    if echoed != request {
+        return Err(format!(
+            "answer {answer:?} to {request:?}: it echoes another request (one lost or answered twice)"
+        ));
+    }
+    if let Some(p) = previous {
+        if count != p + 1 {
+            return Err(format!(
+                "answer {answer:?} to {request:?}: count {count} after {p}, expected {}",
+                p + 1
+            ));
+        }
+    }
+    Ok(count)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,5 +734,14 @@ mod tests {
         assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
         assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.99), 5.0);
         assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn counter_answers_checked() {
+        assert_eq!(check_counter_answer("7 req-7\n", "req-7", Some(6)), Ok(7));
+        assert_eq!(check_counter_answer("1 req-1", "req-1", None), Ok(1));
+        assert!(check_counter_answer("8 req-7", "req-7", Some(6)).is_err());
+        assert!(check_counter_answer("7 req-6", "req-7", Some(6)).is_err());
+        assert!(check_counter_answer("req-7", "req-7", None).is_err());
     }
 }
