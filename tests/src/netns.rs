@@ -8,7 +8,8 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -180,4 +181,50 @@ pub fn connect_from(
         .join()
         .expect("connect thread")
     })
+}
+
+/// A `twinvm-arbiter` process in a test namespace, killed when dropped.
+#[derive(Debug)]
+pub struct ArbiterProcess {
+    child: Child,
+    /// Its address, HOST:PORT.
+    pub addr: String,
+    /// Its token file.
+    pub token: String,
+}
+
+impl Drop for ArbiterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `twinvm-arbiter` on port 7500 of `host`, with its data and token in `dir`. The
+/// token file is written (mode 0600) only if missing, so an arbiter restarted on the same
+/// `dir` keeps its token and its decisions.
+pub fn start_arbiter(host: &Host, dir: &Path) -> std::io::Result<ArbiterProcess> {
+    let token = dir.join("arbiter.token");
+    if !token.exists() {
+        std::fs::write(&token, format!("twinvm-test-secret-{}", std::process::id()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let addr = format!("{}:7500", host.addr);
+    let child = Command::new("ip")
+        .args(["netns", "exec", &host.netns])
+        .arg(crate::workspace_bin("twinvm-arbiter"))
+        .args(["--listen", &addr, "--data-dir"])
+        .arg(dir.join("arbiter-data"))
+        .arg("--token-file")
+        .arg(&token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let token = token
+        .to_str()
+        .ok_or_else(|| std::io::Error::other("non-UTF-8 temp path"))?
+        .to_string();
+    Ok(ArbiterProcess { child, addr, token })
 }

@@ -5,43 +5,12 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use twinvm_tests::netns::{connect_from, Host, Topology, GUEST_IP, PREFIX};
-use twinvm_tests::{workspace_bin, Vm, BOOT_TIMEOUT};
-
-/// The arbiter process, killed when dropped.
-struct Arbiter(Child);
-
-impl Drop for Arbiter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_arbiter(host: &Host, dir: &std::path::Path) -> (Arbiter, String, String) {
-    let token = dir.join("arbiter.token");
-    if !token.exists() {
-        std::fs::write(&token, "failover-test-secret-0123456789").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let addr = format!("{}:7500", host.addr);
-    let child = Command::new("ip")
-        .args(["netns", "exec", &host.netns])
-        .arg(workspace_bin("twinvm-arbiter"))
-        .args(["--listen", &addr, "--data-dir"])
-        .arg(dir.join("arbiter-data"))
-        .arg("--token-file")
-        .arg(&token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the arbiter");
-    (Arbiter(child), addr, token.to_str().unwrap().to_string())
-}
+use twinvm_tests::netns::{
+    connect_from, start_arbiter, ArbiterProcess, Host, Topology, GUEST_IP, PREFIX,
+};
+use twinvm_tests::{Vm, BOOT_TIMEOUT};
 
 fn ask(reader: &mut BufReader<std::net::TcpStream>, s: &mut std::net::TcpStream, req: &str) -> u64 {
     writeln!(s, "{req}").unwrap();
@@ -60,9 +29,7 @@ struct Pair {
     client: Host,
     arb: Host,
     dir: std::path::PathBuf,
-    arbiter: Option<Arbiter>,
-    token: String,
-    arb_addr: String,
+    arbiter: Option<ArbiterProcess>,
     primary: Vm,
     backup: Vm,
 }
@@ -82,7 +49,8 @@ fn start_pair(name: &str, direct: bool) -> Pair {
     };
     let dir = std::env::temp_dir().join(format!("twinvm-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (arbiter, arb_addr, token) = start_arbiter(&arb, &dir);
+    let arbiter = start_arbiter(&arb, &dir).expect("start the arbiter");
+    let (arb_addr, token) = (arbiter.addr.clone(), arbiter.token.clone());
     let append = format!("twinvm.ip={GUEST_IP}/{PREFIX} twinvm.run=counter");
     let listen = format!("{listen_ip}:7300");
     let common = [
@@ -119,8 +87,6 @@ fn start_pair(name: &str, direct: bool) -> Pair {
         arb,
         dir,
         arbiter: Some(arbiter),
-        token,
-        arb_addr,
         primary: pvm,
         backup: bvm,
     }
@@ -238,7 +204,7 @@ fn without_the_arbiters_answer_nobody_goes_on_alone() {
     let err = pair.backup.stderr();
     assert!(!err.contains("live-after-failover"), "{err}");
     // The arbiter comes back (same data): the backup wins and answers the waiting request.
-    let (arbiter, _, _) = start_arbiter(&pair.arb, &pair.dir);
+    let arbiter = start_arbiter(&pair.arb, &pair.dir).expect("restart the arbiter");
     pair.arbiter = Some(arbiter);
     session
         .s
@@ -252,7 +218,6 @@ fn without_the_arbiters_answer_nobody_goes_on_alone() {
     assert_eq!(line.trim_end(), "11 during-11");
     session.requests("after", 12, 15);
     assert!(pair.backup.stderr().contains("-> live-after-failover"));
-    let _ = (&pair.token, &pair.arb_addr);
 }
 
 #[test]

@@ -18,7 +18,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
@@ -26,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use twinvm_tests::bench::{self, Result, ScratchDir, StatusSample, Table, Timed};
-use twinvm_tests::netns::{Host, Topology, GUEST_IP, PREFIX};
+use twinvm_tests::netns::{start_arbiter, Topology, GUEST_IP, PREFIX};
 use twinvm_tests::{workspace_bin, BOOT_TIMEOUT};
 
 const USAGE: &str = "\
@@ -51,44 +50,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the main thread looks at the client, the processes and the status files.
 const POLL: Duration = Duration::from_millis(5);
 
-/// The arbiter process, killed when dropped.
-struct Arbiter(Child);
-
-impl Drop for Arbiter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn path_arg(p: &Path) -> Result<String> {
     Ok(p.to_str().ok_or("non-UTF-8 temp path")?.to_string())
-}
-
-/// Starts `twinvm-arbiter` in `host`'s namespace with fresh data in `dir`; returns it, its
-/// address and its token file.
-fn start_arbiter(host: &Host, dir: &Path) -> Result<(Arbiter, String, String)> {
-    let token = dir.join("arbiter.token");
-    std::fs::write(
-        &token,
-        format!("bench-failover-{}-secret", std::process::id()),
-    )?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
-    let addr = format!("{}:7500", host.addr);
-    let child = Command::new("ip")
-        .args(["netns", "exec", &host.netns])
-        .arg(workspace_bin("twinvm-arbiter"))
-        .args(["--listen", &addr, "--data-dir"])
-        .arg(dir.join("arbiter-data"))
-        .arg("--token-file")
-        .arg(&token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting twinvm-arbiter: {e}"))?;
-    Ok((Arbiter(child), addr, path_arg(&token)?))
 }
 
 /// What the client thread reports.
@@ -209,7 +172,9 @@ fn run(n: usize, scratch: &ScratchDir) -> Result<std::result::Result<Run, String
     let arbiter_host = topo.host("arbiter", 13, false);
     let dir = scratch.join(&format!("run-{n}"));
     std::fs::create_dir_all(&dir)?;
-    let (_arbiter, arb_addr, token) = start_arbiter(&arbiter_host, &dir)?;
+    let arbiter =
+        start_arbiter(&arbiter_host, &dir).map_err(|e| format!("starting twinvm-arbiter: {e}"))?;
+    let (arb_addr, token) = (arbiter.addr.clone(), arbiter.token.clone());
     let [p_status, b_status, b_console] =
         ["primary.status", "backup.status", "backup.console"].map(|f| dir.join(f));
     let (p_status_a, b_status_a, b_console_a) = (
