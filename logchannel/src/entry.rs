@@ -69,6 +69,63 @@ pub struct LogHeader {
     pub digest_interval: u64,
     /// The VM's identity (also its key at the arbiter).
     pub vm_id: String,
+    /// What guest programs read with `CPUID` on the recording's host CPU, where the host runs
+    /// guest `CPUID` natively (no trap to the VMM); `None` where `CPUID` exits and the VMM's
+    /// table answers, which is the same on every host (DESIGN.md, Determinism 6).
+    pub cpuid: Option<Vec<CpuidLeaf>>,
+}
+
+/// One `CPUID` leaf and sub-leaf as a host CPU answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CpuidLeaf {
+    /// EAX on input.
+    pub leaf: u32,
+    /// ECX on input.
+    pub subleaf: u32,
+    /// EAX, EBX, ECX, EDX on output.
+    pub regs: [u32; 4],
+}
+
+impl fmt::Display for CpuidLeaf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d] = self.regs;
+        write!(
+            f,
+            "leaf {:#x}.{} = eax {a:#010x} ebx {b:#010x} ecx {c:#010x} edx {d:#010x}",
+            self.leaf, self.subleaf
+        )
+    }
+}
+
+/// The leaves of two `CPUID` fingerprints that differ, one line each ("ours" and "theirs").
+pub fn cpuid_diff(ours: &[CpuidLeaf], theirs: &[CpuidLeaf]) -> Vec<String> {
+    let key = |l: &CpuidLeaf| (l.leaf, l.subleaf);
+    let mut out = Vec::new();
+    let theirs_map: BTreeMap<(u32, u32), &CpuidLeaf> = theirs.iter().map(|l| (key(l), l)).collect();
+    let ours_map: BTreeMap<(u32, u32), &CpuidLeaf> = ours.iter().map(|l| (key(l), l)).collect();
+    for (k, o) in &ours_map {
+        match theirs_map.get(k) {
+            Some(t) if t.regs == o.regs => {}
+            Some(t) => {
+                let names = ["eax", "ebx", "ecx", "edx"];
+                let regs: Vec<String> = (0..4)
+                    .filter(|&i| o.regs[i] != t.regs[i])
+                    .map(|i| {
+                        format!(
+                            "{} ours {:#010x} theirs {:#010x}",
+                            names[i], o.regs[i], t.regs[i]
+                        )
+                    })
+                    .collect();
+                out.push(format!("leaf {:#x}.{}: {}", k.0, k.1, regs.join(", ")));
+            }
+            None => out.push(format!("leaf {:#x}.{}: only ours", k.0, k.1)),
+        }
+    }
+    for k in theirs_map.keys().filter(|k| !ours_map.contains_key(k)) {
+        out.push(format!("leaf {:#x}.{}: only theirs", k.0, k.1));
+    }
+    out
 }
 
 impl LogHeader {
@@ -88,7 +145,14 @@ impl LogHeader {
             mem_mib,
             digest_interval,
             vm_id: vm_id.into(),
+            cpuid: None,
         }
+    }
+
+    /// The same header naming the host CPU's `CPUID` fingerprint (see [`LogHeader::cpuid`]).
+    pub fn with_cpuid(mut self, cpuid: Option<Vec<CpuidLeaf>>) -> Self {
+        self.cpuid = cpuid;
+        self
     }
 
     /// `Ok` if `other` describes the same VM; otherwise a readable reason naming every
@@ -131,6 +195,20 @@ impl LogHeader {
             diffs.push(format!(
                 "digest_interval: ours {}, theirs {}",
                 self.digest_interval, other.digest_interval
+            ));
+        }
+        // The CPUID fingerprint is not compared here: a backup picks a host CPU that matches
+        // the primary's (see the VMM's `hostcpu` module); only whether CPUID is trapped at
+        // all must agree.
+        if self.cpuid.is_some() != other.cpuid.is_some() {
+            let says = |c: &Option<Vec<CpuidLeaf>>| match c {
+                Some(_) => "guest CPUID runs natively (host CPU fingerprint)",
+                None => "guest CPUID is trapped (the VMM's table)",
+            };
+            diffs.push(format!(
+                "cpuid: ours {}, theirs {}",
+                says(&self.cpuid),
+                says(&other.cpuid)
             ));
         }
         if diffs.is_empty() {

@@ -37,6 +37,11 @@ struct Pair {
 /// Starts the pair; with `direct`, the log channel runs over a private link `lc0` between
 /// the primary and the backup (which a test can cut) instead of the shared segment.
 fn start_pair(name: &str, direct: bool) -> Pair {
+    start_pair_with(name, direct, &[])
+}
+
+/// [`start_pair`], with extra arguments for the backup.
+fn start_pair_with(name: &str, direct: bool, backup_extra: &[&str]) -> Pair {
     let mut topo = Topology::new();
     let primary = topo.host("primary", 11, true);
     let backup = topo.host("backup", 12, true);
@@ -74,6 +79,7 @@ fn start_pair(name: &str, direct: bool) -> Pair {
         console.to_str().unwrap(),
     ];
     b_args.extend_from_slice(&common);
+    b_args.extend_from_slice(backup_extra);
     let mut bvm = Vm::spawn_in(Some(&backup.netns), &b_args);
     bvm.wait_for_stderr("backup listening on", Duration::from_secs(30));
     let mut p_args = vec!["primary", "--backup", &listen];
@@ -218,6 +224,46 @@ fn without_the_arbiters_answer_nobody_goes_on_alone() {
     assert_eq!(line.trim_end(), "11 during-11");
     session.requests("after", 12, 15);
     assert!(pair.backup.stderr().contains("-> live-after-failover"));
+}
+
+#[test]
+fn a_diverged_backup_reports_it_and_the_primary_goes_on_alone_at_once() {
+    // The backup flips a bit of its guest's memory mid-boot: its next digest differs.
+    let status = std::env::temp_dir().join(format!(
+        "twinvm-diverge-{}/backup.status",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(status.parent().unwrap()).unwrap();
+    let status_arg = status.to_str().unwrap().to_string();
+    let mut pair = start_pair_with(
+        "diverge",
+        false,
+        &["--test-corrupt-at", "50000", "--status", &status_arg],
+    );
+    let st = pair.backup.wait_exit(Duration::from_secs(30));
+    let berr = pair.backup.stderr();
+    assert_eq!(st.code(), Some(5), "the backup ends as diverged: {berr}");
+    assert!(berr.contains("replay diverged at position 50000"), "{berr}");
+    assert!(
+        berr.contains("page gfn 0x1 (gpa 0x1000)"),
+        "the flipped page is named: {berr}"
+    );
+    assert!(berr.contains("told the primary"), "{berr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&status).unwrap()).unwrap();
+    assert_eq!(json["state"], "diverged", "{json}");
+    assert_eq!(json["divergence"]["position"], 50000, "{json}");
+    // The primary learned it from the backup (not from a timeout) and went on alone.
+    let perr = pair.primary.stderr();
+    assert!(
+        perr.contains("diverged from the log at position 50000"),
+        "{perr}"
+    );
+    assert!(perr.contains("primary -> alone"), "{perr}");
+    let mut session = Session::open(&pair.client);
+    session.requests("alone", 1, 10);
+    pair.primary.signal(libc::SIGTERM);
+    pair.primary.wait_exit(Duration::from_secs(60));
 }
 
 #[test]

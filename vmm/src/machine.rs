@@ -76,6 +76,9 @@ pub struct VmConfig {
     /// when the command line announces it; see [`crate::nic`]). A backup opens it only when
     /// it goes live.
     pub tap: Option<String>,
+    /// Test only: at this position, flip one byte of guest memory behind the guest's back,
+    /// so that the next digest must report a divergence.
+    pub corrupt_at: Option<u64>,
 }
 
 /// Told of every role change of the machine (`primary`, `live-after-failover`, `alone`,
@@ -123,13 +126,8 @@ pub enum MachineError {
         what: String,
     },
     /// Pinning the vCPU thread.
-    #[error("cannot pin the vCPU thread to host CPU {cpu}: {source}")]
-    Pin {
-        /// The CPU asked for.
-        cpu: usize,
-        /// The error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    HostCpu(#[from] crate::hostcpu::HostCpuError),
     /// KVM could not emulate a guest instruction.
     #[error("KVM internal error (suberror {suberror}) at position {pos}, guest RIP {rip:#x}: the host's KVM could not emulate a guest instruction")]
     Internal {
@@ -186,6 +184,8 @@ pub enum HostEvent {
     Stop(i32),
     /// Frames are waiting on the NIC's TAP.
     NetReady,
+    /// The log channel failed: the loop checks its peer (a halted guest would not).
+    PeerLost,
 }
 
 /// Counters of one run, for benchmarks and the closing log line.
@@ -458,6 +458,10 @@ pub struct Machine {
     live_console: Option<Box<dyn Write + Send>>,
     /// Told of every role change.
     role_listener: Option<RoleListener>,
+    /// Where a replay diverged, for the status file.
+    divergence: Option<serde_json::Value>,
+    /// Test only: flip a byte of guest memory at this position (see [`VmConfig`]).
+    corrupt_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -467,24 +471,6 @@ impl std::fmt::Debug for Machine {
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
-}
-
-fn pin_current_thread(cpu: usize) -> Result<(), MachineError> {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it, and
-    // sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it.
-    let ret = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if ret != 0 {
-        return Err(MachineError::Pin {
-            cpu,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 impl Machine {
@@ -497,7 +483,7 @@ impl Machine {
     ) -> Result<Self, MachineError> {
         let created = Instant::now();
         if let Some(cpu) = cfg.cpu {
-            pin_current_thread(cpu)?;
+            crate::hostcpu::pin_current_thread(cpu)?;
         }
         let kvm = vstate::open_kvm(&cfg.kvm_path)?;
         let mem = memory::create_guest_memory(cfg.mem_mib)?;
@@ -565,6 +551,8 @@ impl Machine {
             arbiter: None,
             live_console: None,
             role_listener: None,
+            divergence: None,
+            corrupt_at: cfg.corrupt_at,
             status_file: cfg.status_file.clone(),
             role: cfg.role.clone(),
             status_written: None,
@@ -617,6 +605,21 @@ impl Machine {
             result = Ok(RunOutcome::Stopped(sig));
         }
         let pos = self.position();
+        if let Err(MachineError::Rr(RrError::Divergence {
+            pos: at,
+            entry,
+            what,
+        })) = &result
+        {
+            self.divergence = Some(serde_json::json!({
+                "position": at,
+                "log_entry": entry,
+                "what": what,
+            }));
+            if self.mode.report_divergence(*at, what) {
+                eprintln!("twinvm: told the primary that this backup diverged at position {at}");
+            }
+        }
         let end = match &result {
             Ok(RunOutcome::PowerOff) => Some(EndReason::PowerOff),
             Ok(RunOutcome::Reset) => Some(EndReason::Reset),
@@ -642,6 +645,7 @@ impl Machine {
         }
         let state = match &result {
             Ok(o) => format!("ended: {o:?}"),
+            Err(MachineError::Rr(RrError::Divergence { .. })) => "diverged".to_string(),
             Err(_) => "failed".to_string(),
         };
         self.write_status_now(pos, &state);
@@ -722,8 +726,13 @@ impl Machine {
                     self.devices
                         .pio(pio.port, pio.size, pio.is_in, pio.data, &self.clock);
                     if pio.is_in && self.devices.is_time_dependent(pio.port) {
-                        self.mode
-                            .time_read(self.stats.sync_exits, pio.port, pio.data)?;
+                        // The answer goes through the log (a lost peer settles failover
+                        // first, like every other hook), then back into the exit's data.
+                        let port = pio.port;
+                        let mut data = pio.data.to_vec();
+                        let pos = self.stats.sync_exits;
+                        self.rr(|m| m.time_read(pos, port, &mut data))?;
+                        vstate::pio_exit(&mut self.vcpu).data.copy_from_slice(&data);
                     }
                     false
                 }
@@ -1014,7 +1023,7 @@ impl Machine {
                 self.pending_input.extend(bytes);
                 None
             }
-            HostEvent::InputClosed | HostEvent::NetReady => None,
+            HostEvent::InputClosed | HostEvent::NetReady | HostEvent::PeerLost => None,
             HostEvent::Stop(sig) => {
                 self.flush_console();
                 Some(RunOutcome::Stopped(sig))
@@ -1029,6 +1038,11 @@ impl Machine {
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
+        if self.corrupt_at == Some(pos) {
+            self.corrupt_guest_memory(pos);
+        }
+        self.mode.progress(pos);
+        self.rr(|m| m.check_peer())?;
         if self.digest_interval > 0 && pos > 0 && pos % self.digest_interval == 0 {
             self.digest_now(pos)?;
         }
@@ -1042,6 +1056,8 @@ impl Machine {
             if let Some(outcome) = self.drain_events()? {
                 return Ok(Some(outcome));
             }
+            // A halted guest waits here: a lost peer wakes it (HostEvent::PeerLost).
+            self.rr(|m| m.check_peer())?;
             if self.mode.is_replay() {
                 while let Some(e) = self.rr(|m| m.next_async(pos))? {
                     self.apply_logged_input(pos, e)?;
@@ -1105,18 +1121,24 @@ impl Machine {
         Ok(None)
     }
 
-    /// Rewrites the status file if one is configured and a second has passed (or `force`).
+    /// Rewrites the status file, if one is configured (atomically: a new file renamed over
+    /// the old one).
     fn write_status_now(&mut self, pos: u64, state: &str) {
         let Some(path) = &self.status_file else {
             return;
         };
-        let json = format!(
-            "{{\"role\":\"{}\",\"state\":\"{state}\",\"position\":{pos},\"injected\":{},\"console_bytes\":{}{}}}\n",
-            self.role,
-            self.stats.injected,
-            self.console_bytes,
-            self.mode.status_fields()
-        );
+        let mut v = serde_json::Map::new();
+        v.insert("role".into(), self.role.clone().into());
+        v.insert("state".into(), state.into());
+        v.insert("position".into(), pos.into());
+        v.insert("injected".into(), self.stats.injected.into());
+        v.insert("console_bytes".into(), self.console_bytes.into());
+        if let Some(d) = &self.divergence {
+            v.insert("divergence".into(), d.clone());
+        }
+        v.extend(self.mode.status_fields());
+        let mut json = serde_json::Value::Object(v).to_string();
+        json.push('\n');
         let tmp = path.with_extension("tmp");
         if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, path)) {
             tracing::warn!("status file {}: {e}", path.display());
@@ -1131,6 +1153,20 @@ impl Machine {
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         {
             self.write_status_now(pos, "running");
+        }
+    }
+
+    /// Test only ([`VmConfig::corrupt_at`]): flips the low bit of one byte of guest memory
+    /// at 0x1000 (a page Linux leaves alone after boot), through vm-memory, so that the VMM's
+    /// dirty bitmap puts the page in the next digest.
+    fn corrupt_guest_memory(&mut self, pos: u64) {
+        let at = GuestAddress(0x1000);
+        if let Ok(b) = self.mem.read_obj::<u8>(at) {
+            let _ = self.mem.write_obj(b ^ 1, at);
+            eprintln!(
+                "twinvm: test switch: flipped a bit of guest memory at {:#x}, position {pos}",
+                at.0
+            );
         }
     }
 
@@ -1459,18 +1495,7 @@ pub fn state_digest(
     .map(|(n, v)| (n.to_string(), v))
     .collect();
     regs.sort();
-    let mut fpu_bytes = Vec::with_capacity(512);
-    for reg in f.fpr.iter() {
-        fpu_bytes.extend_from_slice(reg);
-    }
-    for reg in f.xmm.iter() {
-        fpu_bytes.extend_from_slice(reg);
-    }
-    fpu_bytes.extend_from_slice(&f.fcw.to_le_bytes());
-    fpu_bytes.extend_from_slice(&f.fsw.to_le_bytes());
-    fpu_bytes.push(f.ftwx);
-    fpu_bytes.extend_from_slice(&f.mxcsr.to_le_bytes());
-    let fpu_hash = hash_bytes(&fpu_bytes);
+    let fpu_hash = hash_bytes(&fpu_digest_bytes(&f, s.cs.selector & 3 == 3));
 
     let mut pages = Vec::new();
     let mut buf = vec![0u8; PAGE_SIZE as usize];
@@ -1499,6 +1524,35 @@ pub fn state_digest(
         fpu_hash,
         pages,
     })
+}
+
+/// The FPU/SSE state a digest covers: all of it where the guest runs user code (CPL 3),
+/// only the control registers (x87 control word, MXCSR) where it runs its kernel.
+///
+/// The guest kernel never uses the x87 or SSE data registers itself (it is built without
+/// them, and with `noxsave`), and Linux restores a task's FPU registers lazily, on the way
+/// back to user mode: in kernel mode the data registers are either the current task's, saved
+/// with FXSAVE before anything else can see them, or dead leftovers that the next restore
+/// overwrites. Recordings replayed on one CPU showed XMM0-7 differing at CPL 0 with every
+/// register and page equal, differences that vanished later and never reached memory or
+/// output (see the README's determinism section). Whatever of them the guest can observe
+/// reaches a page (the FXSAVE area at a context switch) or user mode, where the next
+/// digest's pages and CPL 3 digests catch it.
+fn fpu_digest_bytes(f: &kvm_bindings::kvm_fpu, user_mode: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    if user_mode {
+        for reg in f.fpr.iter() {
+            out.extend_from_slice(reg);
+        }
+        for reg in f.xmm.iter() {
+            out.extend_from_slice(reg);
+        }
+        out.extend_from_slice(&f.fsw.to_le_bytes());
+        out.push(f.ftwx);
+    }
+    out.extend_from_slice(&f.fcw.to_le_bytes());
+    out.extend_from_slice(&f.mxcsr.to_le_bytes());
+    out
 }
 
 /// A VM exit reduced to what the loop acts on.

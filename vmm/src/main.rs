@@ -19,6 +19,8 @@ const EXIT_POWEROFF: u8 = 0;
 const EXIT_ERROR: u8 = 1;
 /// Exit status of a side of a pair that lost its peer and was not allowed to go on alone.
 const EXIT_HALTED: u8 = 4;
+/// Exit status of a replay, or a live backup, whose guest stopped matching the log.
+const EXIT_DIVERGED: u8 = 5;
 /// Exit status when the guest reset the machine (reboot, triple fault, or a panic with
 /// `panic=-1`).
 const EXIT_RESET: u8 = 3;
@@ -36,6 +38,7 @@ struct Cli {
 
 const EXIT_HELP: &str = "Exit status: 0 the guest powered off (or a replay reached the recorded stop); 3 the guest rebooted or reset; \
 4 halted after losing the peer of a pair without winning the arbiter; \
+5 a replay or a live backup diverged from the log (reported with the position and what differed); \
 128+N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM); 1 an error (one line on stderr).";
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +193,10 @@ struct BackupArgs {
     /// the address is printed on standard error).
     #[arg(long)]
     listen: String,
+    /// Test only: flip a bit of guest memory at this position (the backup must diverge,
+    /// report it and exit with status 5).
+    #[arg(long, hide = true)]
+    test_corrupt_at: Option<u64>,
     /// Write the backup guest's console output to this file (it is discarded otherwise).
     #[arg(long)]
     console_log: Option<PathBuf>,
@@ -255,6 +262,9 @@ struct ReplayArgs {
     /// Write the run's counters and timings as JSON to this file when the guest ends.
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Test only: flip a bit of guest memory at this position (the replay must diverge).
+    #[arg(long, hide = true)]
+    test_corrupt_at: Option<u64>,
 }
 
 /// What to boot. Without options, the image that guest-images/build.sh made.
@@ -382,6 +392,7 @@ impl GuestArgs {
             status_file: self.status.clone(),
             role: "alone".to_string(),
             tap: self.tap.clone(),
+            corrupt_at: None,
         })
     }
 }
@@ -426,6 +437,7 @@ impl ReplayArgs {
             status_file: None,
             role: "replaying".to_string(),
             tap: None,
+            corrupt_at: self.test_corrupt_at,
         })
     }
 }
@@ -438,31 +450,25 @@ fn write_stats(
     outcome: RunOutcome,
 ) -> anyhow::Result<()> {
     let secs = |d: std::time::Duration| d.as_secs_f64();
-    let json = format!(
-        concat!(
-            "{{\"outcome\":\"{:?}\",\"positions\":{},\"pio_exits\":{},\"mmio_exits\":{},",
-            "\"hlt_exits\":{},\"step_exits\":{},\"step_episodes\":{},\"injected\":{},",
-            "\"kicks\":{},\"in_guest_s\":{:.6},\"idle_s\":{:.6},\"setup_s\":{:.6},",
-            "\"digests\":{},\"digest_s\":{:.6},\"digest_pages\":{},\"log_bytes\":{}}}\n"
-        ),
-        outcome,
-        s.sync_exits,
-        s.pio_exits,
-        s.mmio_exits,
-        s.hlt_exits,
-        s.step_exits,
-        s.step_episodes,
-        s.injected,
-        s.kicks,
-        secs(s.in_guest),
-        secs(s.idle),
-        secs(s.setup),
-        s.digests,
-        secs(s.digest_time),
-        s.digest_pages,
-        log_bytes
-    );
-    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+    let json = serde_json::json!({
+        "outcome": format!("{outcome:?}"),
+        "positions": s.sync_exits,
+        "pio_exits": s.pio_exits,
+        "mmio_exits": s.mmio_exits,
+        "hlt_exits": s.hlt_exits,
+        "step_exits": s.step_exits,
+        "step_episodes": s.step_episodes,
+        "injected": s.injected,
+        "kicks": s.kicks,
+        "in_guest_s": secs(s.in_guest),
+        "idle_s": secs(s.idle),
+        "setup_s": secs(s.setup),
+        "digests": s.digests,
+        "digest_s": secs(s.digest_time),
+        "digest_pages": s.digest_pages,
+        "log_bytes": log_bytes,
+    });
+    std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))
 }
 
 fn run(cfg: &VmConfig, mode: Mode, stats: Option<&Path>) -> anyhow::Result<RunOutcome> {
@@ -530,9 +536,28 @@ fn run_boxed(
     Ok(outcome)
 }
 
+/// Where a recording's (or a primary's) vCPU runs: see `vmm::hostcpu`.
+fn place_recording(cfg: &mut VmConfig) -> anyhow::Result<vmm::hostcpu::Placement> {
+    let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
+    let placement = vmm::hostcpu::for_recording(&kvm, cfg.cpu)?;
+    cfg.cpu = placement.cpu;
+    report_placement(&placement);
+    Ok(placement)
+}
+
+fn report_placement(p: &vmm::hostcpu::Placement) {
+    match (p.trap, p.cpu) {
+        (vmm::hostcpu::CpuidTrap::Native, Some(cpu)) => eprintln!(
+            "twinvm: guest CPUID is not trapped on this host: the vCPU runs pinned to host CPU {cpu}, whose CPUID fingerprint the log header carries"
+        ),
+        _ => tracing::info!("{}", p.trap),
+    }
+}
+
 fn record(args: &RecordArgs) -> anyhow::Result<RunOutcome> {
     let mut cfg = args.guest.to_config()?;
     cfg.digest_interval = args.digest_interval;
+    let placement = place_recording(&mut cfg)?;
     let header = LogHeader::new(
         sha256_file(&cfg.kernel)?,
         sha256_file(cfg.initrd.as_deref().expect("record always has an initrd"))?,
@@ -540,13 +565,19 @@ fn record(args: &RecordArgs) -> anyhow::Result<RunOutcome> {
         u32::try_from(cfg.mem_mib).context("memory size")?,
         cfg.digest_interval,
         args.vm_id.clone(),
-    );
+    )
+    .with_cpuid(placement.cpuid);
     let recorder = Recorder::create(&args.log, &header)?;
     run(&cfg, Mode::Record(recorder), args.guest.stats.as_deref())
 }
 
 /// The header both sides of a live pair compute from their own image and options.
-fn pair_header(cfg: &VmConfig, digest_interval: u64, vm_id: &str) -> anyhow::Result<LogHeader> {
+fn pair_header(
+    cfg: &VmConfig,
+    digest_interval: u64,
+    vm_id: &str,
+    cpuid: Option<Vec<logchannel::entry::CpuidLeaf>>,
+) -> anyhow::Result<LogHeader> {
     Ok(LogHeader::new(
         sha256_file(&cfg.kernel)?,
         sha256_file(cfg.initrd.as_deref().context("no initrd")?)?,
@@ -554,7 +585,8 @@ fn pair_header(cfg: &VmConfig, digest_interval: u64, vm_id: &str) -> anyhow::Res
         u32::try_from(cfg.mem_mib).context("memory size")?,
         digest_interval,
         vm_id,
-    ))
+    )
+    .with_cpuid(cpuid))
 }
 
 fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
@@ -697,7 +729,8 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let mut cfg = args.guest.to_config()?;
     cfg.digest_interval = args.digest_interval;
     cfg.role = "primary".to_string();
-    let header = pair_header(&cfg, args.digest_interval, &args.vm_id)?;
+    let placement = place_recording(&mut cfg)?;
+    let header = pair_header(&cfg, args.digest_interval, &args.vm_id, placement.cpuid)?;
     let addr = resolve(&args.backup)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.connect_timeout);
     let sender = loop {
@@ -733,6 +766,9 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     };
     let frames = out.clone();
     let decided = decision.clone();
+    let watched = sender.clone();
+    let machine_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = machine_done.clone();
     let result = run_boxed(
         &cfg,
         Mode::Record(recorder),
@@ -742,6 +778,23 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
         move |m| {
             let writer = m.hold_frames(Box::new(frames))?;
             let _ = tap_tx.send(writer);
+            // A lost or diverged backup must reach the vCPU loop even while the guest is
+            // halted and nothing else wakes it.
+            let handle = m.handle();
+            std::thread::Builder::new()
+                .name("peer-watch".into())
+                .spawn(move || {
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        if watched
+                            .wait_failure(std::time::Duration::from_millis(250))
+                            .is_some()
+                        {
+                            handle.send(HostEvent::PeerLost);
+                            break;
+                        }
+                    }
+                })
+                .context("starting the peer watch thread")?;
             let d = decided;
             m.set_failover(
                 arbiter,
@@ -758,6 +811,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             Ok(())
         },
     );
+    machine_done.store(true, std::sync::atomic::Ordering::Release);
     if result.is_err() {
         decision.store(DECISION_HALTED, std::sync::atomic::Ordering::Release);
     }
@@ -782,12 +836,30 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
     let listener =
         logchannel::transport::LogListener::bind(resolve(&args.listen)?, args.channel.config())?;
     eprintln!("twinvm: backup listening on {}", listener.local_addr());
+    let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
+    let trap = vmm::hostcpu::probe_cpuid_trap(&kvm)?;
+    let mut chosen = None;
     let rx = listener.accept(|theirs| {
-        let ours =
-            pair_header(&cfg, theirs.digest_interval, &args.vm_id).map_err(|e| format!("{e:#}"))?;
-        ours.check_matches(theirs)
+        // Only whether CPUID is trapped is compared here; the fingerprint picks the CPU.
+        let ours = pair_header(
+            &cfg,
+            theirs.digest_interval,
+            &args.vm_id,
+            (trap == vmm::hostcpu::CpuidTrap::Native).then(Vec::new),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        ours.check_matches(theirs)?;
+        let placement = vmm::hostcpu::for_replay(&kvm, theirs.cpuid.as_deref(), cfg.cpu)
+            .map_err(|e| format!("the backup's host: {e}"))?;
+        chosen = Some(placement);
+        Ok(())
     })?;
     eprintln!("twinvm: backup accepted its primary at {}", rx.peer());
+    cfg.corrupt_at = args.test_corrupt_at;
+    if let Some(p) = chosen {
+        cfg.cpu = p.cpu;
+        report_placement(&p);
+    }
     cfg.digest_interval = rx.header().digest_interval;
     let console: Box<dyn std::io::Write + Send> = match &args.console_log {
         Some(p) => {
@@ -811,7 +883,11 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
 
 fn replay(args: &ReplayArgs) -> anyhow::Result<RunOutcome> {
     let replayer = Replayer::open(&args.log)?;
-    let cfg = args.to_config(replayer.header())?;
+    let mut cfg = args.to_config(replayer.header())?;
+    let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
+    let placement = vmm::hostcpu::for_replay(&kvm, replayer.header().cpuid.as_deref(), cfg.cpu)?;
+    cfg.cpu = placement.cpu;
+    report_placement(&placement);
     run(
         &cfg,
         Mode::Replay(Box::new(replayer)),
@@ -880,30 +956,73 @@ fn main() -> ExitCode {
             }
         }
     };
-    match result {
-        Ok(RunOutcome::PowerOff) => {
-            eprintln!("twinvm: guest powered off");
-            ExitCode::from(EXIT_POWEROFF)
+    let outcome = Outcome::from(result);
+    outcome.report();
+    ExitCode::from(outcome.exit_status())
+}
+
+/// How a guest-running command ended; [`Outcome::exit_status`] is the one place that maps
+/// it to the process's exit status (documented in `EXIT_HELP`).
+#[derive(Debug)]
+enum Outcome {
+    /// The guest powered off.
+    PowerOff,
+    /// A replay reached the recorded operator's stop.
+    ReplayStopped,
+    /// The guest reset (reboot, triple fault, panic).
+    Reset,
+    /// Stopped by signal N.
+    Signal(i32),
+    /// A side of a pair lost its peer and did not win the arbiter: its guest is halted.
+    Halted(String),
+    /// A replay or a live backup stopped matching the log.
+    Diverged(String),
+    /// Anything else that went wrong.
+    Error(anyhow::Error),
+}
+
+impl From<anyhow::Result<RunOutcome>> for Outcome {
+    fn from(r: anyhow::Result<RunOutcome>) -> Self {
+        use vmm::machine::MachineError;
+        match r {
+            Ok(RunOutcome::PowerOff) => Outcome::PowerOff,
+            Ok(RunOutcome::Reset) => Outcome::Reset,
+            Ok(RunOutcome::Stopped(0)) => Outcome::ReplayStopped,
+            Ok(RunOutcome::Stopped(sig)) => Outcome::Signal(sig),
+            Err(e) => match e.downcast_ref::<MachineError>() {
+                Some(h @ MachineError::Halted { .. }) => Outcome::Halted(h.to_string()),
+                Some(d @ MachineError::Rr(RrError::Divergence { .. })) => {
+                    Outcome::Diverged(d.to_string())
+                }
+                _ => Outcome::Error(e),
+            },
         }
-        Ok(RunOutcome::Reset) => {
-            eprintln!("twinvm: guest reset (reboot or triple fault)");
-            ExitCode::from(EXIT_RESET)
+    }
+}
+
+impl Outcome {
+    fn exit_status(&self) -> u8 {
+        match self {
+            Outcome::PowerOff | Outcome::ReplayStopped => EXIT_POWEROFF,
+            Outcome::Error(_) => EXIT_ERROR,
+            Outcome::Reset => EXIT_RESET,
+            Outcome::Halted(_) => EXIT_HALTED,
+            Outcome::Diverged(_) => EXIT_DIVERGED,
+            Outcome::Signal(sig) => 128u8.saturating_add(*sig as u8),
         }
-        Ok(RunOutcome::Stopped(0)) => {
-            eprintln!("twinvm: stopped where the recorded run was stopped");
-            ExitCode::from(EXIT_POWEROFF)
-        }
-        Ok(RunOutcome::Stopped(sig)) => {
-            eprintln!("twinvm: stopped by signal {sig}");
-            ExitCode::from(128 + sig as u8)
-        }
-        Err(e) => {
-            if let Some(h @ vmm::machine::MachineError::Halted { .. }) = e.downcast_ref() {
-                eprintln!("twinvm: {h}");
-                return ExitCode::from(EXIT_HALTED);
+    }
+
+    fn report(&self) {
+        match self {
+            Outcome::PowerOff => eprintln!("twinvm: guest powered off"),
+            Outcome::ReplayStopped => {
+                eprintln!("twinvm: stopped where the recorded run was stopped")
             }
-            eprintln!("twinvm: error: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            Outcome::Reset => eprintln!("twinvm: guest reset (reboot or triple fault)"),
+            Outcome::Signal(sig) => eprintln!("twinvm: stopped by signal {sig}"),
+            Outcome::Halted(why) => eprintln!("twinvm: {why}"),
+            Outcome::Diverged(what) => eprintln!("twinvm: error: {what}"),
+            Outcome::Error(e) => eprintln!("twinvm: error: {e:#}"),
         }
     }
 }

@@ -410,35 +410,78 @@ impl Mode {
         }
     }
 
-    /// Mode-specific fields of the status report, as JSON members (with a leading comma).
-    pub fn status_fields(&self) -> String {
-        match self {
-            Mode::Live => String::new(),
+    /// Mode-specific fields of the status report.
+    pub fn status_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::json;
+        let v = match self {
+            Mode::Live => json!({}),
             Mode::Record(r) => match &r.sink {
-                Sink::File(w) => format!(
-                    ",\"log_entries\":{},\"log_bytes\":{}",
-                    w.entries(),
-                    w.bytes_written()
-                ),
+                Sink::File(w) => json!({
+                    "log_entries": w.entries(),
+                    "log_bytes": w.bytes_written(),
+                }),
                 Sink::Net(s) => {
                     let a = s.acked();
                     let f = s.in_flight();
-                    format!(
-                        ",\"sent_seq\":{},\"acked_seq\":{},\"acked_pos\":{},\"acked_bytes\":{},\"in_flight_entries\":{},\"in_flight_bytes\":{},\"throttled_s\":{:.3}",
-                        s.sent_seq(),
-                        a.seq,
-                        a.pos.get(),
-                        a.bytes,
-                        f.entries,
-                        f.bytes,
-                        r.throttled.as_secs_f64()
-                    )
+                    json!({
+                        "sent_seq": s.sent_seq(),
+                        "acked_seq": a.seq,
+                        "acked_pos": a.pos.get(),
+                        "acked_bytes": a.bytes,
+                        "backup_replayed_pos": a.replayed.get(),
+                        "replay_lag_positions": s.queued_pos().get().saturating_sub(a.replayed.get()),
+                        "in_flight_entries": f.entries,
+                        "in_flight_bytes": f.bytes,
+                        "throttled_s": r.throttled.as_secs_f64(),
+                    })
                 }
             },
-            Mode::Replay(r) => format!(
-                ",\"entries_replayed\":{},\"digests_matched\":{},\"last_received_pos\":{}",
-                r.index, r.digests_matched, r.last_received_pos
-            ),
+            Mode::Replay(r) => json!({
+                "entries_replayed": r.index,
+                "digests_matched": r.digests_matched,
+                "last_received_pos": r.last_received_pos,
+            }),
+        };
+        match v {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        }
+    }
+
+    /// Whether a live pair's channel has failed (the primary's side; the backup learns it
+    /// when it needs the next entry). An `Err` is a peer loss for [`Mode::is_peer_loss`].
+    pub fn check_peer(&self) -> Result<(), RrError> {
+        match self {
+            Mode::Record(Recorder {
+                sink: Sink::Net(s), ..
+            }) => match s.failure() {
+                Some(f) => Err(f.into()),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// The machine has reached `pos`: a live backup tells its primary in the next ack.
+    pub fn progress(&self, pos: u64) {
+        if let Mode::Replay(r) = self {
+            if let Source::Net(rx) = &r.source {
+                rx.set_replayed(Position(pos));
+            }
+        }
+    }
+
+    /// A live backup whose replay diverged tells its primary (waiting at most a second for
+    /// the message to be written); `false` if it is not a live backup or could not tell.
+    pub fn report_divergence(&self, pos: u64, what: &str) -> bool {
+        match self {
+            Mode::Replay(r) => match &r.source {
+                Source::Net(rx) => {
+                    rx.report_divergence(Position(pos), what, Duration::from_secs(1))
+                }
+                Source::File(_) => false,
+            },
+            _ => false,
         }
     }
 

@@ -6,12 +6,13 @@ use crate::entry::{Entry, LogHeader, Position};
 
 /// The version of the channel protocol (messages and their order), sent in
 /// [`Message::Hello`] and [`Message::Welcome`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// One message on the log channel.
 ///
 /// Primary → backup: `Hello`, then `Entry` and `Heartbeat` interleaved.
-/// Backup → primary: `Welcome` or `Refuse`, then `Ack`s.
+/// Backup → primary: `Welcome` or `Refuse`, then `Ack`s, and `Diverged` if its replay
+/// stopped matching the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// The primary's first message: who it is and what it records.
@@ -50,6 +51,17 @@ pub enum Message {
         pos: Position,
         /// The number of entries received.
         seq: u64,
+        /// The position the backup's replay has reached (it lags the received `pos`): what
+        /// a takeover would have to replay first is the difference.
+        replayed: Position,
+    },
+    /// The backup's replay diverged from the log at `pos`: it is no backup any more, and
+    /// closes the channel after this message (DESIGN.md, Determinism 7).
+    Diverged {
+        /// Where the replay found the difference.
+        pos: Position,
+        /// What differed, readable.
+        what: String,
     },
 }
 
@@ -63,6 +75,7 @@ impl Message {
             Message::Entry { .. } => "Entry",
             Message::Heartbeat { .. } => "Heartbeat",
             Message::Ack { .. } => "Ack",
+            Message::Diverged { .. } => "Diverged",
         }
     }
 }

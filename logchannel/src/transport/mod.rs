@@ -116,6 +116,16 @@ pub enum TransportError {
         /// The configured timeout.
         timeout: Duration,
     },
+    /// The backup reported that its replay diverged from the log ([`Message::Diverged`]).
+    #[error("the backup at {peer} diverged from the log at position {pos}: {what}")]
+    PeerDiverged {
+        /// The backup's address.
+        peer: SocketAddr,
+        /// Where its replay found the difference.
+        pos: u64,
+        /// What differed.
+        what: String,
+    },
     /// The peer closed the connection at a message boundary. For a backup this is a loss
     /// of the primary unless an [`crate::Entry::End`] came before it.
     #[error("peer {peer} closed the channel")]

@@ -2,13 +2,15 @@
 //! yields its entries.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -108,6 +110,9 @@ impl LogListener {
 
         let (tx, rx) = std::sync::mpsc::channel();
         let (abort_tx, abort_rx) = oneshot::channel();
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let replayed = Arc::new(AtomicU64::new(0));
+        let replayed2 = replayed.clone();
         let config = self.config;
         let thread = std::thread::Builder::new()
             .name("logchannel-rx".into())
@@ -136,7 +141,7 @@ impl LogListener {
                     };
                     tokio::select! {
                         _ = abort_rx => debug!(%peer, "log receiver dropped"),
-                        e = receive(stream, dec, peer, config, &tx) => {
+                        e = receive(stream, dec, peer, config, &tx, &replayed2, ctl_rx) => {
                             match &e {
                                 TransportError::Closed { .. } => info!(%peer, "primary closed the log channel"),
                                 _ => warn!(%peer, error = %e, "log channel from primary failed"),
@@ -156,6 +161,8 @@ impl LogListener {
             peer,
             end: None,
             received: 0,
+            replayed,
+            ctl: ctl_tx,
             abort: Some(abort_tx),
             thread: Some(thread),
         })
@@ -226,14 +233,21 @@ async fn handshake(
     }
 }
 
-/// Reads entries and heartbeats, hands entries to `tx` and acks after each read; returns
-/// why the connection ended.
+/// A message the backup's own side asks the channel to send, and who to tell once it is
+/// written.
+type Control = (Message, oneshot::Sender<()>);
+
+/// Reads entries and heartbeats, hands entries to `tx` and acks after each read (with the
+/// replay's position from `replayed`); writes the control messages that come on `ctl`;
+/// returns why the connection ended.
 async fn receive(
     stream: TcpStream,
     mut dec: FrameDecoder,
     peer: SocketAddr,
     config: ChannelConfig,
     tx: &Sender<Result<Entry, TransportError>>,
+    replayed: &AtomicU64,
+    mut ctl: mpsc::UnboundedReceiver<Control>,
 ) -> TransportError {
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0; 64 * 1024];
@@ -286,21 +300,28 @@ async fn receive(
         }
         if got {
             heard = Instant::now();
-            if let Err(e) = write_message(&mut wr, &Message::Ack { pos, seq }, peer).await {
+            let ack = Message::Ack {
+                pos,
+                seq,
+                replayed: Position(replayed.load(Ordering::Acquire)),
+            };
+            if let Err(e) = write_message(&mut wr, &ack, peer).await {
                 return e;
             }
         }
-        if let Err(e) = fill(
-            &mut rd,
-            &mut dec,
-            &mut buf,
-            peer,
-            heard,
-            config.peer_timeout,
-        )
-        .await
-        {
-            return e;
+        // A read is cancel-safe: a control message interrupting it loses no bytes.
+        tokio::select! {
+            r = fill(&mut rd, &mut dec, &mut buf, peer, heard, config.peer_timeout) => {
+                if let Err(e) = r {
+                    return e;
+                }
+            }
+            Some((msg, done)) = ctl.recv() => {
+                if let Err(e) = write_message(&mut wr, &msg, peer).await {
+                    return e;
+                }
+                let _ = done.send(());
+            }
         }
     }
 }
@@ -316,6 +337,8 @@ pub struct LogReceiver {
     peer: SocketAddr,
     end: Option<TransportError>,
     received: u64,
+    replayed: Arc<AtomicU64>,
+    ctl: mpsc::UnboundedSender<Control>,
     abort: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -334,6 +357,37 @@ impl LogReceiver {
     /// Entries returned so far.
     pub fn received(&self) -> u64 {
         self.received
+    }
+
+    /// The replay has reached `pos`: the next acks say so (the primary bounds the lag).
+    pub fn set_replayed(&self, pos: Position) {
+        self.replayed.fetch_max(pos.get(), Ordering::AcqRel);
+    }
+
+    /// Tells the primary that the replay diverged at `pos` ([`Message::Diverged`]) and waits
+    /// (at most `timeout`) until the message is written. `false` if it could not be.
+    pub fn report_divergence(&self, pos: Position, what: &str, timeout: Duration) -> bool {
+        let (done_tx, done_rx) = oneshot::channel();
+        let msg = Message::Diverged {
+            pos,
+            what: what.to_string(),
+        };
+        if self.ctl.send((msg, done_tx)).is_err() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut done_rx = done_rx;
+        loop {
+            match done_rx.try_recv() {
+                Ok(()) => return true,
+                Err(oneshot::error::TryRecvError::Closed) => return false,
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn deliver(

@@ -29,6 +29,8 @@ pub struct AckState {
     pub seq: u64,
     /// Bytes of those entries on the wire.
     pub bytes: u64,
+    /// The position the backup's replay has reached (at most `pos`).
+    pub replayed: Position,
 }
 
 /// Entries queued or sent but not yet acked: the backup's lag.
@@ -104,7 +106,13 @@ impl Shared {
         self.publish(&st);
     }
 
-    fn ack(&self, pos: Position, seq: u64, peer: SocketAddr) -> Result<(), TransportError> {
+    fn ack(
+        &self,
+        pos: Position,
+        seq: u64,
+        replayed: Position,
+        peer: SocketAddr,
+    ) -> Result<(), TransportError> {
         let mut st = self.lock();
         if seq > st.queued_seq || seq < st.acked.seq {
             return Err(TransportError::Protocol {
@@ -129,8 +137,20 @@ impl Shared {
             bytes = b;
             st.unacked.pop_front();
         }
-        if seq > st.acked.seq {
-            st.acked = AckState { pos, seq, bytes };
+        let replayed = replayed.max(st.acked.replayed);
+        if seq > st.acked.seq || replayed > st.acked.replayed {
+            let pos = if seq > st.acked.seq {
+                pos
+            } else {
+                st.acked.pos
+            };
+            let seq = seq.max(st.acked.seq);
+            st.acked = AckState {
+                pos,
+                seq,
+                bytes,
+                replayed,
+            };
             self.publish(&st);
         }
         Ok(())
@@ -321,6 +341,17 @@ impl LogSender {
         self.wait_until(timeout, |st| {
             st.unacked.front().is_none_or(|&(_, p, _)| p > pos)
         })
+    }
+
+    /// Replay-lag control: waits until the backup's replay has reached `pos`. `Ok(false)`
+    /// on timeout, `Err` if the channel fails first.
+    pub fn wait_replayed(&self, pos: Position, timeout: Duration) -> Result<bool, TransportError> {
+        self.wait_until(timeout, |st| st.acked.replayed >= pos)
+    }
+
+    /// The position of the last entry queued.
+    pub fn queued_pos(&self) -> Position {
+        self.shared.lock().queued_pos
     }
 
     /// Waits until the backup has acked entry `seq` (see [`send`](LogSender::send)).
@@ -538,9 +569,16 @@ async fn reader(
             };
             heard = Instant::now();
             match decode_payload::<Message>(&frame) {
-                Ok(Message::Ack { pos, seq }) => {
-                    if let Err(e) = shared.ack(pos, seq, peer) {
+                Ok(Message::Ack { pos, seq, replayed }) => {
+                    if let Err(e) = shared.ack(pos, seq, replayed, peer) {
                         return e;
+                    }
+                }
+                Ok(Message::Diverged { pos, what }) => {
+                    return TransportError::PeerDiverged {
+                        peer,
+                        pos: pos.get(),
+                        what,
                     }
                 }
                 Ok(other) => {

@@ -458,6 +458,7 @@ fn partial_acks_drive_the_output_rule_and_flow_control() {
         s.write_all(&frame_of(&Message::Ack {
             pos: got[1].1.pos(),
             seq: 2,
+            replayed: Position(0),
         }))
         .unwrap();
         // Wait for the primary's signal (a sixth entry), then ack an entry never sent.
@@ -471,6 +472,7 @@ fn partial_acks_drive_the_output_rule_and_flow_control() {
         s.write_all(&frame_of(&Message::Ack {
             pos: Position(99),
             seq: 99,
+            replayed: Position(0),
         }))
         .unwrap();
         while raw_read(&mut s, &mut dec).is_some() {}
@@ -604,4 +606,71 @@ fn channel_ends_can_move_between_threads() {
     send::<LogReceiver>();
     send::<LogListener>();
     send_sync::<TransportError>();
+}
+
+#[test]
+fn acks_carry_the_replayed_position_and_the_primary_can_wait_for_it() {
+    let (addr, rx_thread) = backup(fast(), |l| {
+        let mut r = accept_ours(&l).unwrap();
+        let mut got = 0u64;
+        while got < 10 {
+            if r.recv_timeout(GUARD).unwrap().is_some() {
+                got += 1;
+            }
+        }
+        // Received everything, replayed up to position 7 only.
+        r.set_replayed(Position(7));
+        // Acks go out after every read; keep reading until the primary closes.
+        loop {
+            match r.recv_timeout(GUARD) {
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    });
+    let tx = LogSender::connect(addr, header(), fast()).unwrap();
+    for i in 1..=10 {
+        tx.send(&Entry::Heartbeat { pos: Position(i) }).unwrap();
+    }
+    assert!(tx.wait_acked(Position(10), GUARD).unwrap());
+    assert!(tx.wait_replayed(Position(7), GUARD).unwrap());
+    let a = tx.acked();
+    assert_eq!(a.replayed, Position(7));
+    assert_eq!(a.seq, 10);
+    // Position 8 is never replayed: the wait times out rather than passing.
+    assert!(!tx
+        .wait_replayed(Position(8), Duration::from_millis(200))
+        .unwrap());
+    tx.close().unwrap();
+    let why = rx_thread.join().unwrap();
+    assert!(matches!(why, TransportError::Closed { .. }), "{why:?}");
+}
+
+#[test]
+fn a_diverged_backup_is_reported_to_the_primary_at_once() {
+    let (addr, rx_thread) = backup(fast(), |l| {
+        let mut r = accept_ours(&l).unwrap();
+        while r.recv_timeout(GUARD).unwrap().is_none() {}
+        assert!(r.report_divergence(Position(1), "page gfn 0x17b8 differs", GUARD));
+        r
+    });
+    let cfg = ChannelConfig {
+        // Long enough that only the Diverged message can explain a prompt failure.
+        peer_timeout: GUARD,
+        ..fast()
+    };
+    let tx = LogSender::connect(addr, header(), cfg).unwrap();
+    tx.send(&Entry::Heartbeat { pos: Position(1) }).unwrap();
+    let t0 = std::time::Instant::now();
+    let failure = tx.wait_failure(GUARD).expect("the channel fails");
+    assert!(t0.elapsed() < GUARD);
+    match &failure {
+        TransportError::PeerDiverged { pos, what, .. } => {
+            assert_eq!(*pos, 1);
+            assert!(what.contains("0x17b8"), "{what}");
+        }
+        other => panic!("expected PeerDiverged, got {other:?}"),
+    }
+    assert!(tx.send(&Entry::Heartbeat { pos: Position(2) }).is_err());
+    drop(rx_thread.join().unwrap());
 }
