@@ -12,6 +12,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 ///
 /// Primary → backup: `Hello`, then `Entry` and `Heartbeat` interleaved.
 /// Backup → primary: `Welcome` or `Refuse`, then `Ack`s.
+///
+/// With a pair secret (see [`super::auth`]): `AuthHello`, `AuthChallenge`, `AuthProof`,
+/// `AuthWelcome` (or `Refuse`) replace `Hello` and `Welcome`. New variants are appended
+/// at the end (postcard numbers variants by index).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// The primary's first message: who it is and what it records.
@@ -51,6 +55,33 @@ pub enum Message {
         /// The number of entries received.
         seq: u64,
     },
+    /// The primary's first message on an authenticated channel (instead of `Hello`).
+    AuthHello {
+        /// The primary's [`PROTOCOL_VERSION`].
+        protocol_version: u16,
+        /// The header of the log it will stream.
+        header: LogHeader,
+        /// The primary's random challenge to the backup.
+        nonce: [u8; 32],
+    },
+    /// The backup's random challenge to the primary.
+    AuthChallenge {
+        /// The nonce.
+        nonce: [u8; 32],
+    },
+    /// The primary's answer: HMAC-SHA256 of both nonces, its role and the header's hash
+    /// under the pair secret.
+    AuthProof {
+        /// The HMAC.
+        mac: [u8; 32],
+    },
+    /// The backup accepts an authenticated primary and proves itself in turn.
+    AuthWelcome {
+        /// The backup's [`PROTOCOL_VERSION`].
+        protocol_version: u16,
+        /// The backup's HMAC (its role instead of the primary's).
+        mac: [u8; 32],
+    },
 }
 
 impl Message {
@@ -63,6 +94,10 @@ impl Message {
             Message::Entry { .. } => "Entry",
             Message::Heartbeat { .. } => "Heartbeat",
             Message::Ack { .. } => "Ack",
+            Message::AuthHello { .. } => "AuthHello",
+            Message::AuthChallenge { .. } => "AuthChallenge",
+            Message::AuthProof { .. } => "AuthProof",
+            Message::AuthWelcome { .. } => "AuthWelcome",
         }
     }
 }

@@ -12,6 +12,7 @@
 //! ([`TransportError::PeerLost`]) after [`ChannelConfig::peer_timeout`] without a complete
 //! message from it.
 
+pub mod auth;
 mod message;
 mod receiver;
 mod sender;
@@ -25,8 +26,9 @@ use tokio::time::Instant;
 use crate::error::{LogError, Record};
 use crate::frame::{decode_payload, encode_frame, FrameDecoder};
 
+pub use auth::{PairSecret, SecretError};
 pub use message::{Message, PROTOCOL_VERSION};
-pub use receiver::{LogListener, LogReceiver};
+pub use receiver::{LogListener, LogReceiver, RejectReason, Rejection};
 pub use sender::{AckState, ChannelStatus, InFlight, LogSender};
 
 /// Timing of a channel.
@@ -102,6 +104,15 @@ pub enum TransportError {
         /// What and where.
         #[source]
         source: LogError,
+    },
+    /// Pair authentication failed: the peer does not hold our pair secret, or does not
+    /// authenticate at all.
+    #[error("authentication with {peer} failed: {msg}")]
+    Auth {
+        /// The peer.
+        peer: SocketAddr,
+        /// What went wrong.
+        msg: String,
     },
     /// A local entry could not be encoded (too large, position going backwards).
     #[error("cannot send: {0}")]
@@ -231,5 +242,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+#[cfg(test)]
+mod auth_tests;
 #[cfg(test)]
 mod tests;
