@@ -412,3 +412,22 @@ fn an_unauthenticated_backup_pairs_as_before_and_refuses_to_fake_authentication(
     let rx = waiting.join().unwrap().unwrap();
     stream_some(tx, rx, 20);
 }
+
+/// Without a secret, a primary with another header still ends the wait with the refusal,
+/// as `accept` always did (the `twinvm backup` exits with the reason).
+#[test]
+fn an_unauthenticated_primary_with_another_header_ends_the_wait() {
+    let l = Arc::new(LogListener::bind(localhost(), fast()).unwrap());
+    let waiting = wait_in_thread(&l);
+    drop(connect_raw(l.local_addr())); // a scan first: not an end
+    let mut theirs = header();
+    theirs.mem_mib = 256;
+    rejections_after(&l, 1);
+    let err = LogSender::connect(l.local_addr(), theirs, fast()).unwrap_err();
+    assert!(matches!(err, TransportError::Refused { .. }), "{err:?}");
+    let err = waiting.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, TransportError::RefusedPeer { reason, .. } if reason.contains("mem_mib")),
+        "{err:?}"
+    );
+}

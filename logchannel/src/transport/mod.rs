@@ -4,8 +4,11 @@
 //! - [`LogSender`] (primary): connects, says `Hello`, then streams entries queued by
 //!   [`LogSender::send`] (never blocks) with heartbeats, and tracks the backup's acks for
 //!   the output rule and flow control.
-//! - [`LogListener`] / [`LogReceiver`] (backup): accepts one primary, checks its header,
-//!   acks on receipt and hands entries to a plain thread.
+//! - [`LogListener`] / [`LogReceiver`] (backup): waits for its primary past strangers
+//!   ([`LogListener::wait_for_primary`]), checks its header, acks on receipt and hands
+//!   entries to a plain thread.
+//! - [`auth`]: with a [`PairSecret`] on both sides, each proves it holds it
+//!   (challenge-response, HMAC-SHA256) before any entry flows.
 //!
 //! Each side runs its socket on a private single-threaded tokio runtime in a thread of its
 //! own, so callers need no runtime. Either side declares the other lost
@@ -38,7 +41,8 @@ pub struct ChannelConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which the peer is declared lost. Several heartbeat intervals.
     pub peer_timeout: Duration,
-    /// Limit on connecting and on the Hello/Welcome exchange.
+    /// Limit on connecting and on the whole handshake (Hello/Welcome, or the four
+    /// messages of the authenticated one), per connection.
     pub handshake_timeout: Duration,
 }
 

@@ -187,7 +187,7 @@ impl LogListener {
         timeout: Option<Duration>,
     ) -> Result<LogReceiver, TransportError> {
         if self.secret.is_none() {
-            warn!(
+            info!(
                 addr = %self.addr,
                 "the log channel is unauthenticated: whoever connects first with a matching \
                  header becomes the primary (set a pair secret to authenticate it)"
