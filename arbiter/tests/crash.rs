@@ -207,15 +207,13 @@ fn append_to_log(data: &std::path::Path, bytes: &[u8]) {
     log.sync_all().unwrap();
 }
 
+/// A record in the log's current format; `good_crc: false` damages its payload checksum.
 fn record_bytes(payload: &str, good_crc: bool) -> Vec<u8> {
-    let payload = payload.as_bytes();
-    let mut crc = crc32fast::hash(payload);
+    let mut out = Vec::new();
+    arbiter::store::encode_frame(payload.as_bytes(), &mut out);
     if !good_crc {
-        crc ^= 1;
+        out[12] ^= 1; // the payload checksum
     }
-    let mut out = (payload.len() as u32).to_le_bytes().to_vec();
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(payload);
     out
 }
 
@@ -225,10 +223,16 @@ fn torn_last_record_is_dropped_and_the_log_stays_usable() {
     let data = tmp.path().join("data");
     let ghost =
         r#"{"op":"put","entry":{"vm":"t-ghost","generation":1,"holder":"ghost","opened_by":null}}"#;
-    let damages: [(&str, Vec<u8>); 3] = [
+    let damages: [(&str, Vec<u8>); 5] = [
         ("half a record", record_bytes(ghost, true)[..40].to_vec()),
         ("a record failing its checksum", record_bytes(ghost, false)),
         ("half a header", record_bytes(ghost, true)[..5].to_vec()),
+        ("zero fill", vec![0; 4096]),
+        ("half a record, then zeros", {
+            let mut b = record_bytes(ghost, true)[..30].to_vec();
+            b.resize(4096, 0);
+            b
+        }),
     ];
     for (round, (what, damage)) in damages.iter().enumerate() {
         let mut arbiter = Arbiter::start(&data);
@@ -309,4 +313,73 @@ fn damage_before_a_valid_record_refuses_to_start() {
         .err()
         .expect("a damaged log must not be silently truncated");
     assert!(err.contains("damaged"), "{err}");
+}
+
+/// A log of format 1 (the format before per-record magic) with `payloads`, and where each
+/// record starts.
+fn format_1_log(payloads: &[String]) -> (Vec<u8>, Vec<usize>) {
+    let mut log = b"TWINARB1".to_vec();
+    let mut starts = Vec::new();
+    for p in payloads {
+        starts.push(log.len());
+        log.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        log.extend_from_slice(&crc32fast::hash(p.as_bytes()).to_le_bytes());
+        log.extend_from_slice(p.as_bytes());
+    }
+    (log, starts)
+}
+
+fn grants(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"op":"put","entry":{{"vm":"vm-{i}","generation":1,"holder":"owner-{i}","opened_by":null}}}}"#
+            )
+        })
+        .collect()
+}
+
+/// A damaged length field in the middle of a log must not turn the acknowledged grants
+/// after it into a "torn tail" that is compacted away: the arbiter refuses to start and
+/// names the offset. (Format 1 logs, which earlier arbiters wrote and this one reads.)
+#[test]
+fn a_damaged_length_in_the_middle_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fs::create_dir(&data).unwrap();
+    let (mut log, starts) = format_1_log(&grants(4));
+    log[starts[1] + 2] = 0x7f; // length now far past the end of the file
+    fs::write(data.join(arbiter::store::LOG_FILE), &log).unwrap();
+    let token = common::write_token(tmp.path());
+    let err = Arbiter::start_with(&data, &["--token-file", token.to_str().unwrap()])
+        .err()
+        .expect("grants after a damaged length must not be dropped");
+    assert!(
+        err.contains("damaged") && err.contains(&format!("at byte {} ", starts[1])),
+        "{err}"
+    );
+    // The log is left as it was, for the operator.
+    assert_eq!(fs::read(data.join(arbiter::store::LOG_FILE)).unwrap(), log);
+}
+
+/// Zeros after the last record (a crash after the file grew, before its data landed)
+/// are not a record: the arbiter starts with every grant and drops only the zeros.
+#[test]
+fn zeros_after_the_last_record_are_dropped_and_every_grant_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fs::create_dir(&data).unwrap();
+    let (mut log, _) = format_1_log(&grants(3));
+    log.resize(log.len() + 512, 0);
+    fs::write(data.join(arbiter::store::LOG_FILE), &log).unwrap();
+    let arbiter = Arbiter::start(&data);
+    let client = arbiter.client();
+    for i in 0..3 {
+        let entry = client.get(&format!("vm-{i}")).unwrap().expect("grant kept");
+        assert_eq!(entry.holder, Some(format!("owner-{i}")));
+        let intruder = client
+            .test_and_set(&format!("vm-{i}"), "intruder", 1)
+            .unwrap();
+        assert_eq!(intruder.outcome, Outcome::Lost);
+    }
 }

@@ -149,3 +149,46 @@ fn mismatched_pair_is_refused_by_both_sides() {
         backup.stderr()
     );
 }
+
+/// With `--pair-secret-file` on both sides, strangers on the backup's port (a port scan,
+/// garbage, a primary with the wrong secret) are logged with their address and why and
+/// dropped; the backup keeps listening and pairs with its real primary.
+#[test]
+fn backup_outlives_strangers_and_pairs_only_with_its_authenticated_primary() {
+    use std::io::Write;
+    let secret = scratch("pair.secret");
+    std::fs::write(&secret, "e2e pair secret 0123456789abcdef\n").unwrap();
+    let wrong = scratch("wrong.secret");
+    std::fs::write(&wrong, "not the pair secret 0123456789ab\n").unwrap();
+    let console = scratch("auth.console");
+    let secret_arg = ["--pair-secret-file", secret.to_str().unwrap()];
+    let (mut backup, addr) = start_backup(&secret_arg, &console);
+
+    drop(std::net::TcpStream::connect(&addr).unwrap()); // a port scan
+    backup.wait_for_stderr("closed during the handshake", Duration::from_secs(30));
+    let mut garbage = std::net::TcpStream::connect(&addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    backup.wait_for_stderr("why=garbage", Duration::from_secs(30));
+    let mut impostor = Vm::spawn(&[
+        "primary",
+        "--backup",
+        &addr,
+        "--pair-secret-file",
+        wrong.to_str().unwrap(),
+    ]);
+    let i = impostor.wait_exit(Duration::from_secs(60));
+    assert_eq!(i.code(), Some(1), "{}", impostor.stderr());
+    assert!(
+        impostor.stderr().contains("authentication failed"),
+        "{}",
+        impostor.stderr()
+    );
+    backup.wait_for_stderr("why=wrong pair secret", Duration::from_secs(30));
+    assert!(backup.exited().is_none(), "{}", backup.stderr());
+
+    let mut primary = Vm::spawn(&["primary", "--backup", &addr, secret_arg[0], secret_arg[1]]);
+    backup.wait_for_stderr("backup accepted its primary", Duration::from_secs(60));
+    primary.wait_for_stderr("primary connected to its backup", Duration::from_secs(60));
+    let err = backup.stderr();
+    assert_eq!(err.matches("dropped a connection").count(), 3, "{err}");
+}

@@ -71,6 +71,11 @@ struct ChannelArgs {
     /// Interval between heartbeats, in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
+    /// File whose first line is the pair's shared secret (the same on both sides, at least
+    /// 16 bytes): each side proves it holds it before any log entry flows. Without it the
+    /// log channel is unauthenticated.
+    #[arg(long)]
+    pair_secret_file: Option<PathBuf>,
 }
 
 /// Failover: the arbiter both sides of a pair ask when they lose each other.
@@ -155,6 +160,17 @@ impl ChannelArgs {
             peer_timeout: std::time::Duration::from_millis(self.peer_timeout_ms),
             handshake_timeout: std::time::Duration::from_secs(5),
         }
+    }
+
+    fn pair_secret(&self) -> anyhow::Result<Option<logchannel::transport::PairSecret>> {
+        let Some(path) = &self.pair_secret_file else {
+            tracing::warn!(
+                "the log channel is unauthenticated (no --pair-secret-file): any host that \
+                 reaches it can pose as the peer"
+            );
+            return Ok(None);
+        };
+        Ok(Some(logchannel::transport::PairSecret::from_file(path)?))
     }
 }
 
@@ -732,10 +748,15 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let placement = place_recording(&mut cfg)?;
     let header = pair_header(&cfg, args.digest_interval, &args.vm_id, placement.cpuid)?;
     let addr = resolve(&args.backup)?;
+    let secret = args.channel.pair_secret()?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.connect_timeout);
     let sender = loop {
-        match logchannel::transport::LogSender::connect(addr, header.clone(), args.channel.config())
-        {
+        match logchannel::transport::LogSender::connect_with_secret(
+            addr,
+            header.clone(),
+            args.channel.config(),
+            secret.clone(),
+        ) {
             Ok(s) => break s,
             Err(e @ logchannel::transport::TransportError::Connect { .. })
                 if std::time::Instant::now() < deadline =>
@@ -834,12 +855,16 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
     let mut cfg = args.guest.to_config()?;
     cfg.role = "backup".to_string();
     let listener =
-        logchannel::transport::LogListener::bind(resolve(&args.listen)?, args.channel.config())?;
+        logchannel::transport::LogListener::bind(resolve(&args.listen)?, args.channel.config())?
+            .with_pair_secret(args.channel.pair_secret()?);
     eprintln!("twinvm: backup listening on {}", listener.local_addr());
     let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
     let trap = vmm::hostcpu::probe_cpuid_trap(&kvm)?;
-    let mut chosen = None;
-    let rx = listener.accept(|theirs| {
+    let chosen = std::cell::RefCell::new(None);
+    // Strangers (scans, garbage, wrong secret, silence) are logged and dropped; a
+    // primary whose header does not match, or whose host CPU this host cannot match,
+    // ends the wait with an error.
+    let check = |theirs: &logchannel::LogHeader| {
         // Only whether CPUID is trapped is compared here; the fingerprint picks the CPU.
         let ours = pair_header(
             &cfg,
@@ -851,12 +876,13 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         ours.check_matches(theirs)?;
         let placement = vmm::hostcpu::for_replay(&kvm, theirs.cpuid.as_deref(), cfg.cpu)
             .map_err(|e| format!("the backup's host: {e}"))?;
-        chosen = Some(placement);
+        *chosen.borrow_mut() = Some(placement);
         Ok(())
-    })?;
+    };
+    let rx = listener.wait_for_primary(check, None)?;
     eprintln!("twinvm: backup accepted its primary at {}", rx.peer());
     cfg.corrupt_at = args.test_corrupt_at;
-    if let Some(p) = chosen {
+    if let Some(p) = chosen.into_inner() {
         cfg.cpu = p.cpu;
         report_placement(&p);
     }

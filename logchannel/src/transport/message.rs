@@ -13,6 +13,10 @@ pub const PROTOCOL_VERSION: u16 = 2;
 /// Primary → backup: `Hello`, then `Entry` and `Heartbeat` interleaved.
 /// Backup → primary: `Welcome` or `Refuse`, then `Ack`s, and `Diverged` if its replay
 /// stopped matching the log.
+///
+/// With a pair secret (see [`super::auth`]): `AuthHello`, `AuthChallenge`, `AuthProof`,
+/// `AuthWelcome` (or `Refuse`) replace `Hello` and `Welcome`. New variants are appended
+/// at the end (postcard numbers variants by index).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// The primary's first message: who it is and what it records.
@@ -63,6 +67,33 @@ pub enum Message {
         /// What differed, readable.
         what: String,
     },
+    /// The primary's first message on an authenticated channel (instead of `Hello`).
+    AuthHello {
+        /// The primary's [`PROTOCOL_VERSION`].
+        protocol_version: u16,
+        /// The header of the log it will stream.
+        header: LogHeader,
+        /// The primary's random challenge to the backup.
+        nonce: [u8; 32],
+    },
+    /// The backup's random challenge to the primary.
+    AuthChallenge {
+        /// The nonce.
+        nonce: [u8; 32],
+    },
+    /// The primary's answer: HMAC-SHA256 of both nonces, its role and the header's hash
+    /// under the pair secret.
+    AuthProof {
+        /// The HMAC.
+        mac: [u8; 32],
+    },
+    /// The backup accepts an authenticated primary and proves itself in turn.
+    AuthWelcome {
+        /// The backup's [`PROTOCOL_VERSION`].
+        protocol_version: u16,
+        /// The backup's HMAC (its role instead of the primary's).
+        mac: [u8; 32],
+    },
 }
 
 impl Message {
@@ -76,6 +107,10 @@ impl Message {
             Message::Heartbeat { .. } => "Heartbeat",
             Message::Ack { .. } => "Ack",
             Message::Diverged { .. } => "Diverged",
+            Message::AuthHello { .. } => "AuthHello",
+            Message::AuthChallenge { .. } => "AuthChallenge",
+            Message::AuthProof { .. } => "AuthProof",
+            Message::AuthWelcome { .. } => "AuthWelcome",
         }
     }
 }

@@ -4,14 +4,18 @@
 //! - [`LogSender`] (primary): connects, says `Hello`, then streams entries queued by
 //!   [`LogSender::send`] (never blocks) with heartbeats, and tracks the backup's acks for
 //!   the output rule and flow control.
-//! - [`LogListener`] / [`LogReceiver`] (backup): accepts one primary, checks its header,
-//!   acks on receipt and hands entries to a plain thread.
+//! - [`LogListener`] / [`LogReceiver`] (backup): waits for its primary past strangers
+//!   ([`LogListener::wait_for_primary`]), checks its header, acks on receipt and hands
+//!   entries to a plain thread.
+//! - [`auth`]: with a [`PairSecret`] on both sides, each proves it holds it
+//!   (challenge-response, HMAC-SHA256) before any entry flows.
 //!
 //! Each side runs its socket on a private single-threaded tokio runtime in a thread of its
 //! own, so callers need no runtime. Either side declares the other lost
 //! ([`TransportError::PeerLost`]) after [`ChannelConfig::peer_timeout`] without a complete
 //! message from it.
 
+pub mod auth;
 mod message;
 mod receiver;
 mod sender;
@@ -25,8 +29,9 @@ use tokio::time::Instant;
 use crate::error::{LogError, Record};
 use crate::frame::{decode_payload, encode_frame, FrameDecoder};
 
+pub use auth::{PairSecret, SecretError};
 pub use message::{Message, PROTOCOL_VERSION};
-pub use receiver::{LogListener, LogReceiver};
+pub use receiver::{LogListener, LogReceiver, RejectReason, Rejection};
 pub use sender::{AckState, ChannelStatus, InFlight, LogSender};
 
 /// Timing of a channel.
@@ -36,7 +41,8 @@ pub struct ChannelConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which the peer is declared lost. Several heartbeat intervals.
     pub peer_timeout: Duration,
-    /// Limit on connecting and on the Hello/Welcome exchange.
+    /// Limit on connecting and on the whole handshake (Hello/Welcome, or the four
+    /// messages of the authenticated one), per connection.
     pub handshake_timeout: Duration,
 }
 
@@ -102,6 +108,15 @@ pub enum TransportError {
         /// What and where.
         #[source]
         source: LogError,
+    },
+    /// Pair authentication failed: the peer does not hold our pair secret, or does not
+    /// authenticate at all.
+    #[error("authentication with {peer} failed: {msg}")]
+    Auth {
+        /// The peer.
+        peer: SocketAddr,
+        /// What went wrong.
+        msg: String,
     },
     /// A local entry could not be encoded (too large, position going backwards).
     #[error("cannot send: {0}")]
@@ -241,5 +256,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+#[cfg(test)]
+mod auth_tests;
 #[cfg(test)]
 mod tests;

@@ -1,10 +1,14 @@
 //! The backup's end of the channel: [`LogListener`] accepts a primary, [`LogReceiver`]
 //! yields its entries.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -14,12 +18,89 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::auth::{self, PairSecret, Role, Transcript};
 use super::{
     fill, read_message, runtime, write_message, ChannelConfig, Message, TransportError,
     PROTOCOL_VERSION,
 };
 use crate::entry::{Entry, LogHeader, Position};
 use crate::frame::{decode_payload, FrameDecoder, StreamKind};
+
+/// Handshakes [`LogListener::wait_for_primary`] runs at once; further connections wait
+/// in the kernel's backlog until one ends (each ends within the handshake timeout).
+pub const MAX_PENDING_HANDSHAKES: usize = 32;
+/// Rejected connections remembered by a [`LogListener`] (the most recent ones).
+const REJECTIONS_KEPT: usize = 64;
+
+/// Why the backup dropped a connection to its log channel port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Bytes that are not the channel's frames, or a message out of place (a port scan,
+    /// another protocol).
+    Garbage,
+    /// A protocol version other than ours.
+    WrongVersion,
+    /// A proof that does not match our pair secret.
+    WrongSecret,
+    /// A plain `Hello` to a backup that requires pair authentication.
+    Unauthenticated,
+    /// An authenticating primary, but this backup has no pair secret.
+    NoSecret,
+    /// The log header was refused by the caller's check (a real but mismatched primary).
+    HeaderRefused,
+    /// The handshake did not complete within the handshake timeout.
+    Timeout,
+    /// The peer closed the connection during the handshake.
+    Closed,
+    /// A socket error.
+    Io,
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RejectReason::Garbage => "garbage",
+            RejectReason::WrongVersion => "wrong protocol version",
+            RejectReason::WrongSecret => "wrong pair secret",
+            RejectReason::Unauthenticated => "unauthenticated",
+            RejectReason::NoSecret => "authenticating, but this backup has no pair secret",
+            RejectReason::HeaderRefused => "header refused",
+            RejectReason::Timeout => "handshake timeout",
+            RejectReason::Closed => "closed during the handshake",
+            RejectReason::Io => "socket error",
+        })
+    }
+}
+
+/// A connection the backup dropped during the handshake.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    /// Who connected.
+    pub peer: SocketAddr,
+    /// Why it was dropped.
+    pub reason: RejectReason,
+    /// The error, in full.
+    pub error: TransportError,
+}
+
+/// A failed handshake: why, and the error.
+struct Failure {
+    reason: RejectReason,
+    error: TransportError,
+}
+
+impl Failure {
+    /// A failure to read the peer's next message.
+    fn read(error: TransportError) -> Failure {
+        let reason = match &error {
+            TransportError::PeerLost { .. } => RejectReason::Timeout,
+            TransportError::Closed { .. } => RejectReason::Closed,
+            TransportError::Io { .. } => RejectReason::Io,
+            _ => RejectReason::Garbage,
+        };
+        Failure { reason, error }
+    }
+}
 
 /// The backup's listening socket.
 ///
@@ -30,6 +111,8 @@ pub struct LogListener {
     listener: TcpListener,
     addr: SocketAddr,
     config: ChannelConfig,
+    secret: Option<PairSecret>,
+    rejections: Mutex<VecDeque<Rejection>>,
 }
 
 impl LogListener {
@@ -47,7 +130,142 @@ impl LogListener {
             listener,
             addr,
             config,
+            secret: None,
+            rejections: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// Requires every primary to authenticate with `secret` (and proves itself to it; see
+    /// [`super::auth`]). `None`: no authentication (anyone who connects first with a
+    /// matching header is the primary).
+    pub fn with_pair_secret(mut self, secret: Option<PairSecret>) -> Self {
+        self.secret = secret;
+        self
+    }
+
+    /// Whether primaries must authenticate.
+    pub fn is_authenticated(&self) -> bool {
+        self.secret.is_some()
+    }
+
+    /// The most recent connections dropped by [`wait_for_primary`](Self::wait_for_primary)
+    /// (oldest first, at most 64).
+    pub fn rejections(&self) -> Vec<Rejection> {
+        let r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter().cloned().collect()
+    }
+
+    fn reject(&self, peer: SocketAddr, failure: Failure) {
+        warn!(
+            %peer,
+            why = %failure.reason,
+            error = %failure.error,
+            "log channel: dropped a connection that is not our primary; still listening"
+        );
+        let mut r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() == REJECTIONS_KEPT {
+            r.pop_front();
+        }
+        r.push_back(Rejection {
+            peer,
+            reason: failure.reason,
+            error: failure.error,
+        });
+    }
+
+    /// Waits for the primary, handshaking with every connection (several at once, each
+    /// bounded by [`ChannelConfig::handshake_timeout`]) and dropping those that are not
+    /// it: garbage, a wrong protocol version, a failed or missing authentication, silence,
+    /// a close. Each is logged with the peer's address and why, and kept for
+    /// [`rejections`](Self::rejections); the listener keeps listening. Ends with the
+    /// first primary that completes the handshake, or with [`TransportError::RefusedPeer`]
+    /// if `check` refuses a primary's header (a real primary, authenticated if a secret is
+    /// set, that does not match this backup: a configuration error), or with
+    /// [`TransportError::Timeout`] after `timeout`, if given.
+    pub fn wait_for_primary(
+        &self,
+        check: impl Fn(&LogHeader) -> Result<(), String>,
+        timeout: Option<Duration>,
+    ) -> Result<LogReceiver, TransportError> {
+        if self.secret.is_none() {
+            info!(
+                addr = %self.addr,
+                "the log channel is unauthenticated: whoever connects first with a matching \
+                 header becomes the primary (set a pair secret to authenticate it)"
+            );
+        }
+        type Pending<'a> = Pin<
+            Box<
+                dyn Future<
+                        Output = (
+                            SocketAddr,
+                            Result<(TcpStream, LogHeader, FrameDecoder), Failure>,
+                        ),
+                    > + 'a,
+            >,
+        >;
+        enum Event {
+            Accepted(std::io::Result<(TcpStream, SocketAddr)>),
+            Done(
+                SocketAddr,
+                Result<(TcpStream, LogHeader, FrameDecoder), Failure>,
+            ),
+        }
+        let check = &check;
+        let (stream, peer, header, dec) = self.rt.block_on(async {
+            let deadline = timeout.map(|t| Instant::now() + t);
+            let mut pending: Vec<Pending<'_>> = Vec::new();
+            loop {
+                let next = std::future::poll_fn(|cx| {
+                    for i in 0..pending.len() {
+                        if let Poll::Ready((peer, r)) = pending[i].as_mut().poll(cx) {
+                            drop(pending.swap_remove(i));
+                            return Poll::Ready(Event::Done(peer, r));
+                        }
+                    }
+                    if pending.len() < MAX_PENDING_HANDSHAKES {
+                        if let Poll::Ready(r) = self.listener.poll_accept(cx) {
+                            return Poll::Ready(Event::Accepted(r));
+                        }
+                    }
+                    Poll::Pending
+                });
+                let event = match (deadline, timeout) {
+                    (Some(d), Some(t)) => tokio::time::timeout_at(d, next).await.map_err(|_| {
+                        TransportError::Timeout {
+                            what: "a primary to connect",
+                            after: t,
+                        }
+                    })?,
+                    _ => next.await,
+                };
+                match event {
+                    Event::Accepted(Ok((mut stream, peer))) => {
+                        debug!(%peer, "log channel: connection, handshaking");
+                        let _ = stream.set_nodelay(true);
+                        let config = &self.config;
+                        let secret = self.secret.as_ref();
+                        pending.push(Box::pin(async move {
+                            let r = handshake(&mut stream, peer, config, secret, check).await;
+                            (peer, r.map(|(header, dec)| (stream, header, dec)))
+                        }));
+                    }
+                    Event::Accepted(Err(e)) => {
+                        // Out of descriptors and the like: transient, keep listening.
+                        warn!(addr = %self.addr, error = %e, "log channel: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Event::Done(peer, Ok((stream, header, dec))) => {
+                        return Ok::<_, TransportError>((stream, peer, header, dec));
+                    }
+                    Event::Done(_, Err(f)) if f.reason == RejectReason::HeaderRefused => {
+                        return Err(f.error);
+                    }
+                    Event::Done(peer, Err(f)) => self.reject(peer, f),
+                }
+            }
+        })?;
+        self.start_receiver(stream, peer, header, dec)
     }
 
     /// The address listened on.
@@ -99,14 +317,36 @@ impl LogListener {
                     msg: format!("accept failed: {e}"),
                 })?;
             let _ = stream.set_nodelay(true);
-            let (header, dec) = handshake(&mut stream, peer, &self.config, check).await?;
+            let (header, dec) =
+                handshake(&mut stream, peer, &self.config, self.secret.as_ref(), check)
+                    .await
+                    .map_err(|f| {
+                        warn!(%peer, why = %f.reason, error = %f.error, "log channel: dropped a connection");
+                        f.error
+                    })?;
             Ok::<_, TransportError>((stream, peer, header, dec))
         })?;
+        self.start_receiver(stream, peer, header, dec)
+    }
+
+    /// Hands an accepted, handshaken connection to the receiving thread.
+    fn start_receiver(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        header: LogHeader,
+        dec: FrameDecoder,
+    ) -> Result<LogReceiver, TransportError> {
         let stream = stream.into_std().map_err(|e| TransportError::Io {
             peer,
             msg: format!("cannot hand the socket to the channel thread: {e}"),
         })?;
-        info!(%peer, vm_id = %header.vm_id, "log channel from primary up");
+        info!(
+            %peer,
+            vm_id = %header.vm_id,
+            authenticated = self.secret.is_some(),
+            "log channel from primary up"
+        );
 
         let (tx, rx) = std::sync::mpsc::channel();
         let (abort_tx, abort_rx) = oneshot::channel();
@@ -169,67 +409,169 @@ impl LogListener {
     }
 }
 
+/// The backup's side of the handshake (see [`super::auth`] for the authenticated one):
+/// the primary's header is shown to `check` only once the primary has authenticated.
 async fn handshake(
     stream: &mut TcpStream,
     peer: SocketAddr,
     config: &ChannelConfig,
+    secret: Option<&PairSecret>,
     check: impl FnOnce(&LogHeader) -> Result<(), String>,
-) -> Result<(LogHeader, FrameDecoder), TransportError> {
+) -> Result<(LogHeader, FrameDecoder), Failure> {
+    let start = Instant::now();
     let mut dec = FrameDecoder::new(StreamKind::Wire);
     let mut buf = vec![0; 4096];
     let (mut rd, mut wr) = stream.split();
+    let write_failed = |error| Failure {
+        reason: RejectReason::Io,
+        error,
+    };
     let hello = read_message(
         &mut rd,
         &mut dec,
         &mut buf,
         peer,
-        Instant::now(),
+        start,
         config.handshake_timeout,
     )
-    .await?;
-    let (protocol_version, header) = match hello {
+    .await
+    .map_err(Failure::read)?;
+    let (protocol_version, header, nonce_primary) = match hello {
         Message::Hello {
             protocol_version,
             header,
-        } => (protocol_version, header),
+        } => (protocol_version, header, None),
+        Message::AuthHello {
+            protocol_version,
+            header,
+            nonce,
+        } => (protocol_version, header, Some(nonce)),
         other => {
-            return Err(TransportError::Protocol {
-                peer,
-                msg: format!("expected Hello, got {}", other.kind()),
+            return Err(Failure {
+                reason: RejectReason::Garbage,
+                error: TransportError::Protocol {
+                    peer,
+                    msg: format!("expected Hello or AuthHello, got {}", other.kind()),
+                },
             })
         }
     };
-    let verdict = if protocol_version != PROTOCOL_VERSION {
-        Err(format!(
+    if protocol_version != PROTOCOL_VERSION {
+        let reason = format!(
             "the primary speaks protocol version {protocol_version}, this backup {PROTOCOL_VERSION}"
-        ))
-    } else {
-        check(&header)
+        );
+        return Err(refuse(&mut wr, peer, RejectReason::WrongVersion, reason).await);
+    }
+    let Some(secret) = secret else {
+        if nonce_primary.is_some() {
+            let reason = "this backup has no pair secret and cannot authenticate \
+                          (give both sides the same --pair-secret-file)"
+                .to_string();
+            return Err(refuse(&mut wr, peer, RejectReason::NoSecret, reason).await);
+        }
+        if let Err(reason) = check(&header) {
+            return Err(refuse(&mut wr, peer, RejectReason::HeaderRefused, reason).await);
+        }
+        let welcome = Message::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+        };
+        write_message(&mut wr, &welcome, peer)
+            .await
+            .map_err(write_failed)?;
+        return Ok((header, dec));
     };
-    match verdict {
-        Ok(()) => {
-            write_message(
-                &mut wr,
-                &Message::Welcome {
-                    protocol_version: PROTOCOL_VERSION,
+    let Some(nonce_primary) = nonce_primary else {
+        let reason = "this backup requires pair authentication and the primary sent none \
+                      (give both sides the same --pair-secret-file)"
+            .to_string();
+        return Err(refuse(&mut wr, peer, RejectReason::Unauthenticated, reason).await);
+    };
+    let nonce_backup = auth::nonce().map_err(|e| Failure {
+        reason: RejectReason::Io,
+        error: TransportError::Auth {
+            peer,
+            msg: e.to_string(),
+        },
+    })?;
+    write_message(
+        &mut wr,
+        &Message::AuthChallenge {
+            nonce: nonce_backup,
+        },
+        peer,
+    )
+    .await
+    .map_err(write_failed)?;
+    let mac = match read_message(
+        &mut rd,
+        &mut dec,
+        &mut buf,
+        peer,
+        start,
+        config.handshake_timeout,
+    )
+    .await
+    .map_err(Failure::read)?
+    {
+        Message::AuthProof { mac } => mac,
+        other => {
+            return Err(Failure {
+                reason: RejectReason::Garbage,
+                error: TransportError::Protocol {
+                    peer,
+                    msg: format!("expected AuthProof, got {}", other.kind()),
                 },
-                peer,
-            )
-            .await?;
-            Ok((header, dec))
+            })
         }
-        Err(reason) => {
-            warn!(%peer, %reason, "refusing primary");
-            write_message(
-                &mut wr,
-                &Message::Refuse {
-                    reason: reason.clone(),
-                },
+    };
+    let transcript = Transcript::new(nonce_primary, nonce_backup, &header);
+    if !transcript.verify(secret, Role::Primary, &mac) {
+        let refusal = Message::Refuse {
+            reason: "authentication failed: the proof does not match this backup's pair secret"
+                .into(),
+        };
+        let _ = write_message(&mut wr, &refusal, peer).await;
+        return Err(Failure {
+            reason: RejectReason::WrongSecret,
+            error: TransportError::Auth {
                 peer,
-            )
-            .await?;
-            Err(TransportError::RefusedPeer { peer, reason })
-        }
+                msg: "the primary's proof does not match our pair secret".into(),
+            },
+        });
+    }
+    if let Err(reason) = check(&header) {
+        return Err(refuse(&mut wr, peer, RejectReason::HeaderRefused, reason).await);
+    }
+    let welcome = Message::AuthWelcome {
+        protocol_version: PROTOCOL_VERSION,
+        mac: transcript.proof(secret, Role::Backup),
+    };
+    write_message(&mut wr, &welcome, peer)
+        .await
+        .map_err(write_failed)?;
+    Ok((header, dec))
+}
+
+/// Sends `Refuse { reason }` (best effort: the connection is dropped anyway) and returns
+/// the failure.
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    peer: SocketAddr,
+    why: RejectReason,
+    reason: String,
+) -> Failure {
+    let refusal = Message::Refuse {
+        reason: reason.clone(),
+    };
+    if let Err(e) = write_message(wr, &refusal, peer).await {
+        debug!(%peer, error = %e, "could not send Refuse");
+    }
+    if why == RejectReason::HeaderRefused {
+        warn!(%peer, %reason, "refusing primary");
+    }
+    Failure {
+        reason: why,
+        error: TransportError::RefusedPeer { peer, reason },
     }
 }
 

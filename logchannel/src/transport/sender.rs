@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
+use super::auth::{self, PairSecret, Role, Transcript};
 use super::{
     fill, read_message, runtime, write_bytes, write_message, ChannelConfig, Message,
     TransportError, PROTOCOL_VERSION,
@@ -177,11 +178,25 @@ pub struct LogSender {
 impl LogSender {
     /// Connects to the backup at `addr`, sends `Hello` with `header` and waits for its
     /// `Welcome` (at most [`ChannelConfig::handshake_timeout`]). A `Refuse` is
-    /// [`TransportError::Refused`] with the backup's reason.
+    /// [`TransportError::Refused`] with the backup's reason. The channel is not
+    /// authenticated: see [`connect_with_secret`](Self::connect_with_secret).
     pub fn connect(
         addr: SocketAddr,
         header: LogHeader,
         config: ChannelConfig,
+    ) -> Result<LogSender, TransportError> {
+        LogSender::connect_with_secret(addr, header, config, None)
+    }
+
+    /// [`connect`](Self::connect), authenticating the pair with `secret` if given: the
+    /// backup and this primary each prove they hold it (see [`super::auth`]) before any
+    /// entry is sent. A backup that fails to prove it is [`TransportError::Auth`]; one
+    /// that refuses our proof answers `Refuse` ([`TransportError::Refused`]).
+    pub fn connect_with_secret(
+        addr: SocketAddr,
+        header: LogHeader,
+        config: ChannelConfig,
+        secret: Option<PairSecret>,
     ) -> Result<LogSender, TransportError> {
         let (status, _) = watch::channel(ChannelStatus::default());
         let shared = Arc::new(Shared {
@@ -206,7 +221,9 @@ impl LogSender {
                         return;
                     }
                 };
-                rt.block_on(run(addr, header, config, rx, shared2, abort_rx, ready_tx));
+                rt.block_on(run(
+                    addr, header, config, secret, rx, shared2, abort_rx, ready_tx,
+                ));
             })
             .map_err(|e| TransportError::Connect {
                 peer: addr,
@@ -407,16 +424,18 @@ impl Drop for LogSender {
 }
 
 /// The channel thread: connect, handshake, then write and read until the end.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     addr: SocketAddr,
     header: LogHeader,
     config: ChannelConfig,
+    secret: Option<PairSecret>,
     rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
     mut abort: oneshot::Receiver<()>,
     ready: std::sync::mpsc::SyncSender<Result<(), TransportError>>,
 ) {
-    let (rd, wr, dec) = match handshake(addr, &header, &config).await {
+    let (rd, wr, dec) = match handshake(addr, &header, &config, secret.as_ref()).await {
         Ok(v) => {
             let _ = ready.send(Ok(()));
             v
@@ -426,7 +445,12 @@ async fn run(
             return;
         }
     };
-    info!(peer = %addr, vm_id = %header.vm_id, "log channel to backup up");
+    info!(
+        peer = %addr,
+        vm_id = %header.vm_id,
+        authenticated = secret.is_some(),
+        "log channel to backup up"
+    );
     let writer = writer(wr, rx, config, addr);
     let reader = reader(rd, dec, &shared, config, addr);
     tokio::pin!(writer, reader);
@@ -454,6 +478,7 @@ async fn handshake(
     addr: SocketAddr,
     header: &LogHeader,
     config: &ChannelConfig,
+    secret: Option<&PairSecret>,
 ) -> Result<(OwnedReadHalf, OwnedWriteHalf, FrameDecoder), TransportError> {
     let start = Instant::now();
     let stream = tokio::time::timeout(config.handshake_timeout, TcpStream::connect(addr))
@@ -468,18 +493,53 @@ async fn handshake(
         })?;
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
+    let mut dec = FrameDecoder::new(StreamKind::Wire);
+    let mut buf = vec![0; 4096];
+    let Some(secret) = secret else {
+        write_message(
+            &mut wr,
+            &Message::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                header: header.clone(),
+            },
+            addr,
+        )
+        .await?;
+        let reply = read_message(
+            &mut rd,
+            &mut dec,
+            &mut buf,
+            addr,
+            start,
+            config.handshake_timeout,
+        )
+        .await?;
+        return match reply {
+            Message::Welcome { protocol_version } if protocol_version == PROTOCOL_VERSION => {
+                Ok((rd, wr, dec))
+            }
+            Message::Welcome { protocol_version } => Err(version_error(addr, protocol_version)),
+            Message::Refuse { reason } => Err(TransportError::Refused { peer: addr, reason }),
+            other => Err(TransportError::Protocol {
+                peer: addr,
+                msg: format!("expected Welcome or Refuse, got {}", other.kind()),
+            }),
+        };
+    };
+
+    let auth_err = |msg: String| TransportError::Auth { peer: addr, msg };
+    let nonce_primary = auth::nonce().map_err(|e| auth_err(e.to_string()))?;
     write_message(
         &mut wr,
-        &Message::Hello {
+        &Message::AuthHello {
             protocol_version: PROTOCOL_VERSION,
             header: header.clone(),
+            nonce: nonce_primary,
         },
         addr,
     )
     .await?;
-    let mut dec = FrameDecoder::new(StreamKind::Wire);
-    let mut buf = vec![0; 4096];
-    let reply = read_message(
+    let nonce_backup = match read_message(
         &mut rd,
         &mut dec,
         &mut buf,
@@ -487,22 +547,73 @@ async fn handshake(
         start,
         config.handshake_timeout,
     )
+    .await?
+    {
+        Message::AuthChallenge { nonce } => nonce,
+        Message::Refuse { reason } => return Err(TransportError::Refused { peer: addr, reason }),
+        Message::Welcome { .. } => {
+            return Err(auth_err(
+                "the backup accepted without authenticating (does it run without the pair \
+                 secret?); refusing to send it the log"
+                    .into(),
+            ))
+        }
+        other => {
+            return Err(TransportError::Protocol {
+                peer: addr,
+                msg: format!("expected AuthChallenge or Refuse, got {}", other.kind()),
+            })
+        }
+    };
+    let transcript = Transcript::new(nonce_primary, nonce_backup, header);
+    write_message(
+        &mut wr,
+        &Message::AuthProof {
+            mac: transcript.proof(secret, Role::Primary),
+        },
+        addr,
+    )
     .await?;
-    match reply {
-        Message::Welcome { protocol_version } if protocol_version == PROTOCOL_VERSION => {
+    match read_message(
+        &mut rd,
+        &mut dec,
+        &mut buf,
+        addr,
+        start,
+        config.handshake_timeout,
+    )
+    .await?
+    {
+        Message::AuthWelcome {
+            protocol_version,
+            mac,
+        } => {
+            if !transcript.verify(secret, Role::Backup, &mac) {
+                return Err(auth_err(
+                    "the backup's proof does not match our pair secret: it is not our \
+                     backup (or the secrets differ); refusing to send it the log"
+                        .into(),
+                ));
+            }
+            if protocol_version != PROTOCOL_VERSION {
+                return Err(version_error(addr, protocol_version));
+            }
             Ok((rd, wr, dec))
         }
-        Message::Welcome { protocol_version } => Err(TransportError::Protocol {
-            peer: addr,
-            msg: format!(
-                "the backup speaks protocol version {protocol_version}, this primary {PROTOCOL_VERSION}"
-            ),
-        }),
         Message::Refuse { reason } => Err(TransportError::Refused { peer: addr, reason }),
         other => Err(TransportError::Protocol {
             peer: addr,
-            msg: format!("expected Welcome or Refuse, got {}", other.kind()),
+            msg: format!("expected AuthWelcome or Refuse, got {}", other.kind()),
         }),
+    }
+}
+
+fn version_error(peer: SocketAddr, theirs: u16) -> TransportError {
+    TransportError::Protocol {
+        peer,
+        msg: format!(
+            "the backup speaks protocol version {theirs}, this primary {PROTOCOL_VERSION}"
+        ),
     }
 }
 

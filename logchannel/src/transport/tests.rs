@@ -12,9 +12,9 @@ use crate::error::{LogError, Record};
 use crate::frame::{encode_frame, FrameDecoder, StreamKind};
 
 /// Generous guard for anything that must happen.
-const GUARD: Duration = Duration::from_secs(20);
+pub(super) const GUARD: Duration = Duration::from_secs(20);
 
-fn header() -> LogHeader {
+pub(super) fn header() -> LogHeader {
     LogHeader::new(
         [1; 32],
         [2; 32],
@@ -25,12 +25,12 @@ fn header() -> LogHeader {
     )
 }
 
-fn localhost() -> SocketAddr {
+pub(super) fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
 /// Short timeouts so that silence tests end quickly.
-fn fast() -> ChannelConfig {
+pub(super) fn fast() -> ChannelConfig {
     ChannelConfig {
         heartbeat_interval: Duration::from_millis(20),
         peer_timeout: Duration::from_millis(300),
@@ -38,7 +38,7 @@ fn fast() -> ChannelConfig {
     }
 }
 
-fn entry(i: u64) -> Entry {
+pub(super) fn entry(i: u64) -> Entry {
     let pos = Position(i);
     match i % 5 {
         0 => Entry::Inject {
@@ -62,7 +62,7 @@ fn entry(i: u64) -> Entry {
     }
 }
 
-fn frame_of(msg: &Message) -> Vec<u8> {
+pub(super) fn frame_of(msg: &Message) -> Vec<u8> {
     let mut out = Vec::new();
     encode_frame(msg, Record::Message(0), 0, &mut out).unwrap();
     out
@@ -76,7 +76,7 @@ fn hello() -> Vec<u8> {
 }
 
 /// Reads one message from a raw blocking socket (read timeout as a guard).
-fn raw_read(s: &mut StdStream, dec: &mut FrameDecoder) -> Option<Message> {
+pub(super) fn raw_read(s: &mut StdStream, dec: &mut FrameDecoder) -> Option<Message> {
     let mut buf = [0u8; 4096];
     loop {
         if let Some(f) = dec.next_frame().unwrap() {
