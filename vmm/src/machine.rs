@@ -1047,7 +1047,7 @@ impl Machine {
             self.digest_now(pos)?;
         }
         let stop = self.handle.stop.clone();
-        self.rr(|m| m.throttle(&stop))?;
+        self.rr(|m| m.throttle(pos, &stop))?;
         self.write_status(pos);
         if self.rr(|m| m.stopped_here(pos))? {
             return Ok(Some(RunOutcome::Stopped(0)));

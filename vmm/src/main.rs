@@ -189,6 +189,14 @@ struct PrimaryArgs {
     /// Flow control: most log bytes the backup may leave unacknowledged.
     #[arg(long, default_value_t = 64 << 20)]
     max_lag_bytes: u64,
+    /// Replay-lag bound: the primary is held back while the backup's replay trails it by
+    /// more than the positions it runs in this many milliseconds (what a takeover must
+    /// replay first).
+    #[arg(long, default_value_t = 100)]
+    max_replay_lag_ms: u64,
+    /// Replay-lag bound in positions (the smaller of the two bounds applies).
+    #[arg(long, default_value_t = 20_000)]
+    max_replay_lag_positions: u64,
     /// Positions between two state digests.
     #[arg(long, default_value_t = 2000)]
     digest_interval: u64,
@@ -779,6 +787,8 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
         vmm::rr::LagLimit {
             entries: args.max_lag_entries,
             bytes: args.max_lag_bytes,
+            replay_positions: args.max_replay_lag_positions,
+            replay_time: std::time::Duration::from_millis(args.max_replay_lag_ms),
         },
     );
     let out = HeldOutput {

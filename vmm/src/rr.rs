@@ -90,6 +90,51 @@ pub struct LagLimit {
     pub entries: u64,
     /// Their bytes.
     pub bytes: u64,
+    /// Positions the backup's replay may trail the primary by (the backlog a takeover must
+    /// replay first).
+    pub replay_positions: u64,
+    /// The same bound in time: the positions the primary runs in this long (measured over
+    /// the last second of its own progress), when that is fewer than `replay_positions`.
+    pub replay_time: Duration,
+}
+
+/// The primary's recent rate of progress, in positions per second.
+#[derive(Debug)]
+struct Rate {
+    since: Instant,
+    at: u64,
+    per_sec: f64,
+}
+
+impl Rate {
+    fn new() -> Self {
+        Rate {
+            since: Instant::now(),
+            at: 0,
+            per_sec: 0.0,
+        }
+    }
+
+    /// Folds in that the primary is at `pos` now; excludes time it was held back.
+    fn update(&mut self, pos: u64) {
+        let dt = self.since.elapsed();
+        if dt >= Duration::from_secs(1) {
+            let now = pos.saturating_sub(self.at) as f64 / dt.as_secs_f64();
+            self.per_sec = if self.per_sec == 0.0 {
+                now
+            } else {
+                0.5 * self.per_sec + 0.5 * now
+            };
+            self.since = Instant::now();
+            self.at = pos;
+        }
+    }
+
+    /// Restarts the measurement at `pos` (after the primary was held back).
+    fn restart(&mut self, pos: u64) {
+        self.since = Instant::now();
+        self.at = pos;
+    }
 }
 
 /// Writes a recording: to a file, or to the live backup.
@@ -99,6 +144,11 @@ pub struct Recorder {
     lag: Option<LagLimit>,
     /// Time the guest was held back by the lag limit.
     pub throttled: Duration,
+    /// Time of that held back because the backup's replay lagged.
+    pub replay_throttled: Duration,
+    /// Times the guest was held back for the backup's replay.
+    pub replay_holds: u64,
+    rate: Rate,
 }
 
 /// Where a replay's entries come from.
@@ -144,6 +194,9 @@ impl Recorder {
             sink: Sink::File(LogWriter::create(path, header)?),
             lag: None,
             throttled: Duration::ZERO,
+            replay_throttled: Duration::ZERO,
+            replay_holds: 0,
+            rate: Rate::new(),
         })
     }
 
@@ -154,6 +207,9 @@ impl Recorder {
             sink: Sink::Net(sender),
             lag: Some(lag),
             throttled: Duration::ZERO,
+            replay_throttled: Duration::ZERO,
+            replay_holds: 0,
+            rate: Rate::new(),
         }
     }
 
@@ -165,22 +221,48 @@ impl Recorder {
         }
     }
 
-    /// Flow control: while the backup has more unacknowledged entries or bytes than the lag
-    /// limit allows, holds the guest back (returns early if `stop` is raised).
-    pub fn throttle(&mut self, stop: &AtomicBool) -> Result<(), RrError> {
+    /// Flow control at position `pos`: while the backup has more unacknowledged entries or
+    /// bytes than the lag limit allows, or its replay trails `pos` by more than the replay
+    /// bound, holds the guest back (returns early if `stop` is raised). Before waiting for
+    /// the replay it logs a `Heartbeat` at `pos`, so that the backup can replay right up to
+    /// here (a replay waits at the last entry it has for the next one).
+    pub fn throttle(&mut self, pos: u64, stop: &AtomicBool) -> Result<(), RrError> {
         let (Sink::Net(s), Some(lag)) = (&self.sink, self.lag) else {
             return Ok(());
         };
+        let s = s.clone();
         let f = s.in_flight();
-        if f.entries <= lag.entries && f.bytes <= lag.bytes {
+        if f.entries > lag.entries || f.bytes > lag.bytes {
+            let t0 = Instant::now();
+            while !stop.load(Ordering::Acquire)
+                && !s.wait_in_flight_at_most(lag.entries, lag.bytes, Duration::from_millis(50))?
+            {
+            }
+            self.throttled += t0.elapsed();
+            self.rate.restart(pos);
+        }
+        self.rate.update(pos);
+        let by_time = (self.rate.per_sec * lag.replay_time.as_secs_f64()) as u64;
+        // Until the rate is known, and never below one digest interval's worth of slack.
+        let bound = if by_time == 0 {
+            lag.replay_positions
+        } else {
+            by_time.clamp(1000, lag.replay_positions)
+        };
+        let replayed = s.acked().replayed.get();
+        if pos.saturating_sub(replayed) <= bound {
             return Ok(());
         }
         let t0 = Instant::now();
+        self.append(&Entry::Heartbeat { pos: Position(pos) })?;
+        let target = Position(pos.saturating_sub(bound / 2));
         while !stop.load(Ordering::Acquire)
-            && !s.wait_in_flight_at_most(lag.entries, lag.bytes, Duration::from_millis(50))?
-        {
-        }
+            && !s.wait_replayed(target, Duration::from_millis(50))?
+        {}
         self.throttled += t0.elapsed();
+        self.replay_throttled += t0.elapsed();
+        self.replay_holds += 1;
+        self.rate.restart(pos);
         Ok(())
     }
 
@@ -280,7 +362,12 @@ impl Replayer {
                             self.next = Some(e);
                             break;
                         }
-                        Ok(None) => continue,
+                        Ok(None) => {
+                            // Waiting for the primary: tell it how far the replay is, so a
+                            // primary held back for this replay goes on at once.
+                            rx.flush_progress();
+                            continue;
+                        }
                         // The replay needs more, and the primary's stream has ended: closed
                         // without an End (it died), gone silent, or damaged.
                         Err(e) => {
@@ -306,6 +393,15 @@ impl Replayer {
     /// that is a divergence.
     pub fn peek_at(&mut self, pos: u64) -> Result<Option<&Entry>, RrError> {
         self.fill(pos)?;
+        // A primary's mark of progress (see `Recorder::throttle`) lets the replay run up to
+        // its position without waiting for the next real entry; there it is passed over.
+        while let Some(Entry::Heartbeat { pos: at }) = self.next {
+            if at.get() > pos {
+                return Ok(None);
+            }
+            self.take();
+            self.fill(pos)?;
+        }
         let e = self.next.as_ref().expect("filled");
         let at = e.pos().get();
         if at < pos {
@@ -433,6 +529,8 @@ impl Mode {
                         "in_flight_entries": f.entries,
                         "in_flight_bytes": f.bytes,
                         "throttled_s": r.throttled.as_secs_f64(),
+                        "replay_throttled_s": r.replay_throttled.as_secs_f64(),
+                        "replay_holds": r.replay_holds,
                     })
                 }
             },
@@ -485,10 +583,10 @@ impl Mode {
         }
     }
 
-    /// Flow control of a live primary (see [`Recorder::throttle`]).
-    pub fn throttle(&mut self, stop: &AtomicBool) -> Result<(), RrError> {
+    /// Flow control of a live primary at `pos` (see [`Recorder::throttle`]).
+    pub fn throttle(&mut self, pos: u64, stop: &AtomicBool) -> Result<(), RrError> {
         match self {
-            Mode::Record(r) => r.throttle(stop),
+            Mode::Record(r) => r.throttle(pos, stop),
             _ => Ok(()),
         }
     }

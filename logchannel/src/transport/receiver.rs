@@ -575,9 +575,13 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-/// A message the backup's own side asks the channel to send, and who to tell once it is
-/// written.
-type Control = (Message, oneshot::Sender<()>);
+/// What the backup's own side asks the channel to do.
+enum Control {
+    /// Send this message, and say so once it is written.
+    Send(Message, oneshot::Sender<()>),
+    /// Ack now if the replayed position moved since the last ack.
+    Progress,
+}
 
 /// Reads entries and heartbeats, hands entries to `tx` and acks after each read (with the
 /// replay's position from `replayed`); writes the control messages that come on `ctl`;
@@ -596,6 +600,7 @@ async fn receive(
     let mut heard = Instant::now();
     let mut seq = 0u64;
     let mut pos = Position::ZERO;
+    let mut acked_replayed = 0u64;
     loop {
         let mut got = false;
         loop {
@@ -642,10 +647,11 @@ async fn receive(
         }
         if got {
             heard = Instant::now();
+            acked_replayed = replayed.load(Ordering::Acquire);
             let ack = Message::Ack {
                 pos,
                 seq,
-                replayed: Position(replayed.load(Ordering::Acquire)),
+                replayed: Position(acked_replayed),
             };
             if let Err(e) = write_message(&mut wr, &ack, peer).await {
                 return e;
@@ -658,12 +664,24 @@ async fn receive(
                     return e;
                 }
             }
-            Some((msg, done)) = ctl.recv() => {
-                if let Err(e) = write_message(&mut wr, &msg, peer).await {
-                    return e;
+            Some(c) = ctl.recv() => match c {
+                Control::Send(msg, done) => {
+                    if let Err(e) = write_message(&mut wr, &msg, peer).await {
+                        return e;
+                    }
+                    let _ = done.send(());
                 }
-                let _ = done.send(());
-            }
+                Control::Progress => {
+                    let now = replayed.load(Ordering::Acquire);
+                    if now > acked_replayed {
+                        acked_replayed = now;
+                        let ack = Message::Ack { pos, seq, replayed: Position(now) };
+                        if let Err(e) = write_message(&mut wr, &ack, peer).await {
+                            return e;
+                        }
+                    }
+                }
+            },
         }
     }
 }
@@ -706,6 +724,12 @@ impl LogReceiver {
         self.replayed.fetch_max(pos.get(), Ordering::AcqRel);
     }
 
+    /// Acks now if the replayed position moved since the last ack (a replay that waits for
+    /// the primary's next entry calls this, so a primary held back for it learns at once).
+    pub fn flush_progress(&self) {
+        let _ = self.ctl.send(Control::Progress);
+    }
+
     /// Tells the primary that the replay diverged at `pos` ([`Message::Diverged`]) and waits
     /// (at most `timeout`) until the message is written. `false` if it could not be.
     pub fn report_divergence(&self, pos: Position, what: &str, timeout: Duration) -> bool {
@@ -714,7 +738,7 @@ impl LogReceiver {
             pos,
             what: what.to_string(),
         };
-        if self.ctl.send((msg, done_tx)).is_err() {
+        if self.ctl.send(Control::Send(msg, done_tx)).is_err() {
             return false;
         }
         let deadline = std::time::Instant::now() + timeout;
