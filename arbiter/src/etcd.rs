@@ -64,7 +64,13 @@ pub enum EtcdError {
         reason: String,
     },
     /// etcd refused the user and password (or wants some and got none).
-    #[error("etcd at {endpoints} refused authentication{}: {message}", user.as_ref().map(|u| format!(" of user {u:?}")).unwrap_or_default())]
+    #[error(
+        "etcd at {endpoints} refused authentication{}: {message}",
+        match user {
+            Some(u) => format!(" of user {u:?}"),
+            None => " (no credentials were given)".to_owned(),
+        }
+    )]
     AuthFailed {
         /// The endpoints.
         endpoints: String,
@@ -407,7 +413,7 @@ impl EtcdClient {
                 .and_then([TxnOp::put(key.clone(), "", None)])
                 .or_else([TxnOp::get(key.clone(), None)]);
             let resp = self.rpc(&key, self.client.kv_client().txn(txn)).await?;
-            let (stored, _) = self.from_txn(&key, &resp)?;
+            let (stored, _) = self.read_from_txn(&key, &resp)?;
             Ok(match stored {
                 Some(Stored::Live(e)) => Some(e),
                 _ => None,
@@ -558,7 +564,7 @@ impl EtcdClient {
                     return Ok(answer);
                 }
                 debug!(%key, "lost a compare-and-swap round; deciding again");
-                (stored, revision) = self.from_txn(key, &resp)?;
+                (stored, revision) = self.read_from_txn(key, &resp)?;
             }
             Err(Failure::Retry(format!(
                 "{key:?} changed under {MAX_CAS_ROUNDS} compare-and-swap rounds in a row"
@@ -568,7 +574,7 @@ impl EtcdClient {
     }
 
     /// The value and `mod_revision` returned by a transaction's get.
-    fn from_txn(
+    fn read_from_txn(
         &self,
         key: &str,
         resp: &etcd_client::TxnResponse,
