@@ -311,8 +311,8 @@ enum Failure {
 /// Async client of the arbiter on etcd.
 #[derive(Clone)]
 pub struct EtcdClient {
-    client: etcd_client::Client,
-    config: EtcdConfig,
+    client: std::sync::Arc<etcd_client::Client>,
+    config: std::sync::Arc<EtcdConfig>,
     label: String,
 }
 
@@ -356,8 +356,8 @@ impl EtcdClient {
             })
             .await?;
         Ok(EtcdClient {
-            client,
-            config: config.clone(),
+            client: std::sync::Arc::new(client),
+            config: std::sync::Arc::new(config.clone()),
             label,
         })
     }
