@@ -210,7 +210,8 @@ fn claims_need_a_quorum_and_settle_when_it_returns() {
 /// access are clear errors at start-up (connect / check), never a claim.
 #[test]
 fn authentication_with_root_and_a_prefix_role() {
-    let cluster = EtcdCluster::start(3);
+    // Auth tokens expire after 1 s idle: the client must renew them on its own.
+    let cluster = EtcdCluster::start_with(3, &std::env::temp_dir(), &["--auth-token-ttl", "1"]);
     let root_password = "root-pw-5d1e";
     let twinvm_password = "twinvm:pw-9c2a";
     let prefix = arbiter::etcd::DEFAULT_PREFIX;
@@ -311,6 +312,13 @@ fn authentication_with_root_and_a_prefix_role() {
         outside.check("auth-vm"),
         Err(EtcdError::PermissionDenied { .. })
     ));
+
+    // Idle past the token's lifetime (as a VMM is between failovers): still answered.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        twinvm.test_and_set("auth-vm", "a", 1).unwrap().outcome,
+        Outcome::Won
+    );
 
     // Root sees the decision, and a second claimant loses it.
     let root = cluster.client(Some(Credentials::new("root", root_password)));

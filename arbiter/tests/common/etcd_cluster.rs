@@ -48,6 +48,7 @@ pub struct EtcdCluster {
     initial_cluster: String,
     token: String,
     binary: PathBuf,
+    extra_args: Vec<String>,
     // Last, so that the members are killed before their directories are removed.
     dir: tempfile::TempDir,
 }
@@ -72,6 +73,11 @@ impl EtcdCluster {
 
     /// Like [`EtcdCluster::start`], with the temporary directory under `parent`.
     pub fn start_in(n: usize, parent: &Path) -> EtcdCluster {
+        EtcdCluster::start_with(n, parent, &[])
+    }
+
+    /// Like [`EtcdCluster::start_in`], with extra arguments for every member.
+    pub fn start_with(n: usize, parent: &Path, extra_args: &[&str]) -> EtcdCluster {
         let binary = etcd_binary();
         let dir = tempfile::Builder::new()
             .prefix("twinvm-etcd-")
@@ -103,6 +109,7 @@ impl EtcdCluster {
             initial_cluster,
             token,
             binary,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             dir,
         };
         for i in 0..n {
@@ -136,6 +143,7 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
