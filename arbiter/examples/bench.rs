@@ -1,7 +1,10 @@
-//! Benchmark of the arbiter with durability on: starts the real `twinvm-arbiter` binary
-//! (or, if it has not been built, the same server in-process) on loopback with a fresh
-//! data directory, runs concurrent clients for a bounded number of operations, and prints
-//! operations per second and latency percentiles.
+//! Benchmark of the arbiter with durability on, side by side with the etcd backend: starts
+//! the real `twinvm-arbiter` binary (or, if it has not been built, the same server
+//! in-process) on loopback with a fresh data directory, and a 3-member etcd cluster
+//! (Debian's `etcd`, also on loopback, data in the same parent directory); runs the same
+//! phases of concurrent clients, a bounded number of operations each, against both; prints
+//! operations per second and latency percentiles, then a summary of claims per second and
+//! p99 per backend.
 //!
 //! ```sh
 //! cargo build --release -p twinvm-arbiter
@@ -15,10 +18,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arbiter::auth::{Auth, Token};
+use arbiter::etcd::{EtcdClient, EtcdConfig};
 use arbiter::server::{Server, ServerConfig};
 use arbiter::store::Store;
 use arbiter::{Client, Outcome};
 use clap::Parser;
+
+#[path = "../tests/common/etcd_cluster.rs"]
+mod etcd_cluster;
 
 /// Benchmark options.
 #[derive(Debug, Parser)]
@@ -36,6 +43,9 @@ struct Args {
     /// The arbiter binary (default: `twinvm-arbiter` next to this example's directory).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Members of the etcd cluster benchmarked beside the standalone arbiter (0: no etcd).
+    #[arg(long, default_value_t = 3)]
+    etcd_members: usize,
 }
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -55,11 +65,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-fn report(name: &str, clients: usize, elapsed: Duration, mut lat: Vec<Duration>) {
+/// Throughput and p99 of one phase.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    ops_per_sec: f64,
+    p99: Duration,
+}
+
+fn report(name: &str, clients: usize, elapsed: Duration, mut lat: Vec<Duration>) -> Figures {
     lat.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
-        "{name:<44} clients {clients:>3}  ops {:>6}  {:>9.0} ops/s  p50 {:>7.0} us  p90 {:>7.0} us  p99 {:>7.0} us  max {:>7.0} us",
+        "{name:<52} clients {clients:>3}  ops {:>6}  {:>9.0} ops/s  p50 {:>7.0} us  p90 {:>7.0} us  p99 {:>7.0} us  max {:>7.0} us",
         lat.len(),
         lat.len() as f64 / elapsed.as_secs_f64(),
         us(percentile(&lat, 0.50)),
@@ -67,12 +84,66 @@ fn report(name: &str, clients: usize, elapsed: Duration, mut lat: Vec<Duration>)
         us(percentile(&lat, 0.99)),
         us(*lat.last().unwrap()),
     );
+    Figures {
+        ops_per_sec: lat.len() as f64 / elapsed.as_secs_f64(),
+        p99: percentile(&lat, 0.99),
+    }
+}
+
+/// One of the two backends.
+#[derive(Debug, Clone)]
+enum Backend {
+    Standalone(Client),
+    Etcd(EtcdClient),
+}
+
+impl Backend {
+    async fn claim(&self, vm: &str, claimant: &str, generation: u64) -> Outcome {
+        match self {
+            Backend::Standalone(c) => {
+                c.test_and_set(vm, claimant, generation)
+                    .await
+                    .unwrap()
+                    .outcome
+            }
+            Backend::Etcd(c) => {
+                c.test_and_set(vm, claimant, generation)
+                    .await
+                    .unwrap()
+                    .outcome
+            }
+        }
+    }
+
+    async fn re_pair(&self, vm: &str, claimant: &str, generation: u64) -> u64 {
+        match self {
+            Backend::Standalone(c) => {
+                c.re_pair(vm, claimant, generation)
+                    .await
+                    .unwrap()
+                    .generation
+            }
+            Backend::Etcd(c) => {
+                c.re_pair(vm, claimant, generation)
+                    .await
+                    .unwrap()
+                    .generation
+            }
+        }
+    }
+
+    async fn count(&self) -> usize {
+        match self {
+            Backend::Standalone(c) => c.list().await.unwrap().vms.len(),
+            Backend::Etcd(c) => c.list().await.unwrap().vms.len(),
+        }
+    }
 }
 
 /// Runs `clients` tasks of `ops` operations each; `op(client, i)` is one operation.
-async fn phase<F, Fut>(name: &str, clients: usize, ops: usize, client: &Client, op: F)
+async fn phase<F, Fut>(name: &str, clients: usize, ops: usize, client: &Backend, op: F) -> Figures
 where
-    F: Fn(Client, usize, usize) -> Fut + Send + Sync + Clone + 'static,
+    F: Fn(Backend, usize, usize) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let started = Instant::now();
@@ -94,7 +165,58 @@ where
     for t in tasks {
         all.extend(t.await.expect("client task"));
     }
-    report(name, clients, started.elapsed(), all);
+    report(name, clients, started.elapsed(), all)
+}
+
+/// The phases, the same for every backend; returns the figures of the summary: sequential,
+/// parallel and contended claims.
+async fn run_phases(label: &str, client: &Backend, clients: usize, ops: usize) -> [Figures; 3] {
+    let name = |what: &str| format!("{label}: {what}");
+    let sequential = phase(
+        &name("claim, new VM"),
+        1,
+        ops,
+        client,
+        |c, _, i| async move {
+            assert_eq!(c.claim(&format!("seq-{i}"), "a", 1).await, Outcome::Won);
+        },
+    )
+    .await;
+    let parallel = phase(
+        &name("claim, new VM"),
+        clients,
+        ops,
+        client,
+        |c, n, i| async move {
+            assert_eq!(c.claim(&format!("par-{n}-{i}"), "a", 1).await, Outcome::Won);
+        },
+    )
+    .await;
+    let contended = phase(
+        &name("claim, all on one VM"),
+        clients,
+        ops,
+        client,
+        |c, n, _| async move {
+            let outcome = c.claim("hot", &format!("c{n}"), 1).await;
+            assert!(matches!(outcome, Outcome::Won | Outcome::Lost));
+        },
+    )
+    .await;
+    phase(
+        &name("re-pair + claim of the new generation"),
+        clients,
+        ops / 2,
+        client,
+        |c, n, i| async move {
+            let vm = format!("par-{n}-{i}");
+            let g = c.re_pair(&vm, "a", 1).await;
+            assert_eq!(c.claim(&vm, "b", g).await, Outcome::Won);
+        },
+    )
+    .await;
+    println!("{label}: entries at the end: {}", client.count().await);
+    [sequential, parallel, contended]
 }
 
 /// Raw cost of a small append + fdatasync in the data directory, for reference.
@@ -185,61 +307,58 @@ fn main() -> anyhow::Result<()> {
             addr
         }
     };
-    let client = Client::new(addr, Some(Token::new(TOKEN)?));
+    let standalone = Backend::Standalone(Client::new(addr, Some(Token::new(TOKEN)?)));
     let (clients, ops) = (args.clients.max(1), args.ops.max(1));
+    let mut summary = Vec::new();
     runtime.block_on(async {
-        client.health().await.expect("server answers");
-        phase(
-            "test-and-set, new VM (1 fsync'd record each)",
-            1,
-            ops,
-            &client,
-            |c, _, i| async move {
-                let a = c.test_and_set(&format!("seq-{i}"), "a", 1).await.unwrap();
-                assert_eq!(a.outcome, Outcome::Won);
-            },
-        )
-        .await;
-        phase(
-            "test-and-set, new VM (1 fsync'd record each)",
-            clients,
-            ops,
-            &client,
-            |c, n, i| async move {
-                let a = c
-                    .test_and_set(&format!("par-{n}-{i}"), "a", 1)
-                    .await
-                    .unwrap();
-                assert_eq!(a.outcome, Outcome::Won);
-            },
-        )
-        .await;
-        phase(
-            "test-and-set, all on one VM (contended)",
-            clients,
-            ops,
-            &client,
-            |c, n, _| async move {
-                let a = c.test_and_set("hot", &format!("c{n}"), 1).await.unwrap();
-                assert!(matches!(a.outcome, Outcome::Won | Outcome::Lost));
-            },
-        )
-        .await;
-        phase(
-            "re-pair + claim of the new generation",
-            clients,
-            ops / 2,
-            &client,
-            |c, n, i| async move {
-                let vm = format!("par-{n}-{i}");
-                let g = c.re_pair(&vm, "a", 1).await.unwrap().generation;
-                let a = c.test_and_set(&vm, "b", g).await.unwrap();
-                assert_eq!(a.outcome, Outcome::Won);
-            },
-        )
-        .await;
-        let list = client.list().await.unwrap();
-        println!("entries in the store at the end: {}", list.vms.len());
+        if let Backend::Standalone(c) = &standalone {
+            c.health().await.expect("server answers");
+        }
+        summary.push((
+            "twinvm-arbiter",
+            run_phases("standalone", &standalone, clients, ops).await,
+        ));
     });
+    drop(_guard);
+
+    if args.etcd_members > 0 {
+        let cluster = etcd_cluster::EtcdCluster::start_in(args.etcd_members, &parent);
+        println!(
+            "etcd: {} members of {} on {} (data in {})",
+            args.etcd_members,
+            etcd_cluster::etcd_binary().display(),
+            cluster.url(),
+            cluster.dir().display()
+        );
+        runtime.block_on(async {
+            let etcd = Backend::Etcd(
+                EtcdClient::connect(EtcdConfig::new(cluster.endpoints()))
+                    .await
+                    .expect("connect to etcd"),
+            );
+            summary.push(("etcd", run_phases("etcd", &etcd, clients, ops).await));
+        });
+    }
+
+    println!();
+    println!(
+        "{:<16} {:>22} {:>30} {:>30}",
+        "backend", "1 client: claims/s, p99", "parallel: claims/s, p99", "one VM: claims/s, p99"
+    );
+    for (backend, figures) in summary {
+        let cell = |f: Figures| {
+            format!(
+                "{:>8.0} /s {:>8.1} ms",
+                f.ops_per_sec,
+                f.p99.as_secs_f64() * 1e3
+            )
+        };
+        println!(
+            "{backend:<16} {:>22} {:>30} {:>30}",
+            cell(figures[0]),
+            cell(figures[1]),
+            cell(figures[2])
+        );
+    }
     Ok(())
 }

@@ -9,7 +9,10 @@
 //! * [`store`]: the durable state (checksummed, fsync'd append-only log);
 //! * [`auth`]: the shared bearer token;
 //! * [`server`]: the HTTP server;
-//! * [`client`]: the async and blocking client used by the VMM.
+//! * [`client`]: the async and blocking client used by the VMM;
+//! * [`rules`]: the decisions (won / lost / stale / future generation, re-pair) as pure
+//!   functions shared by the store and the etcd backend;
+//! * [`etcd`]: the same arbiter on an etcd cluster (transactions on one key per VM).
 //!
 //! See `arbiter/README.md` for the protocol, the semantics and how to run the service.
 
@@ -18,11 +21,14 @@
 
 pub mod auth;
 pub mod client;
+pub mod etcd;
 pub mod protocol;
+pub mod rules;
 pub mod server;
 pub mod store;
 
 pub use auth::{Auth, Token};
 pub use client::{BlockingClient, Client, ClientConfig, ClientError};
+pub use etcd::{BlockingEtcdClient, EtcdClient, EtcdConfig, EtcdError};
 pub use protocol::{ClaimResponse, Entry, ErrorCode, Outcome};
 pub use store::Store;

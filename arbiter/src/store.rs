@@ -45,7 +45,8 @@ use std::sync::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::protocol::{ClaimResponse, Entry, ListResponse, Outcome, RePairResponse, Tombstone};
+use crate::protocol::{ClaimResponse, Entry, ListResponse, RePairResponse, Tombstone};
+use crate::rules::{self, Slot};
 
 /// Name of the log file inside the data directory.
 pub const LOG_FILE: &str = "arbiter.log";
@@ -172,6 +173,14 @@ impl State {
                 let retired = self.cleared.entry(vm).or_insert(0);
                 *retired = (*retired).max(retired_generation);
             }
+        }
+    }
+
+    fn slot(&self, vm: &str) -> Slot<'_> {
+        match (self.vms.get(vm), self.cleared.get(vm)) {
+            (Some(e), _) => Slot::Live(e),
+            (None, Some(&retired)) => Slot::Cleared(retired),
+            (None, None) => Slot::Unknown,
         }
     }
 
@@ -698,71 +707,21 @@ impl Store {
         }
     }
 
-    /// Test-and-set: `claimant` asks to hold `generation` of `vm`.
-    ///
-    /// * unknown VM: created at `generation` with `claimant` as holder (`won`), unless an
-    ///   operator cleared it and `generation` is not above the retired one (`stale`);
-    /// * `generation` current, no holder: `claimant` becomes the holder (`won`);
-    /// * `generation` current, held: `won` if `claimant` is the holder, else `lost`;
-    /// * `generation` older than current: `stale`;
-    /// * `generation` newer than current: [`StoreError::FutureGeneration`].
+    /// Test-and-set: `claimant` asks to hold `generation` of `vm`; see [`rules::claim`].
     pub fn test_and_set(
         &self,
         vm: &str,
         claimant: &str,
         generation: u64,
     ) -> Result<ClaimResponse, StoreError> {
-        let answer = |outcome, generation, holder: Option<&String>| ClaimResponse {
-            outcome,
-            vm: vm.to_owned(),
-            generation,
-            holder: holder.cloned(),
-        };
-        let claim = || Entry {
-            vm: vm.to_owned(),
-            generation,
-            holder: Some(claimant.to_owned()),
-            opened_by: None,
-        };
-        self.decide(|state| match state.vms.get(vm) {
-            None => match state.cleared.get(vm) {
-                Some(&retired) if generation <= retired => {
-                    Ok((answer(Outcome::Stale, retired, None), None))
-                }
-                _ => Ok((
-                    answer(Outcome::Won, generation, Some(&claimant.to_owned())),
-                    Some(Record::Put { entry: claim() }),
-                )),
-            },
-            Some(e) if generation < e.generation => Ok((
-                answer(Outcome::Stale, e.generation, e.holder.as_ref()),
-                None,
-            )),
-            Some(e) if generation > e.generation => Err(StoreError::FutureGeneration {
-                vm: vm.to_owned(),
-                asked: generation,
-                current: e.generation,
-            }),
-            Some(e) => match &e.holder {
-                None => {
-                    let entry = Entry {
-                        holder: Some(claimant.to_owned()),
-                        ..e.clone()
-                    };
-                    Ok((
-                        answer(Outcome::Won, generation, entry.holder.as_ref()),
-                        Some(Record::Put { entry }),
-                    ))
-                }
-                Some(h) if h == claimant => Ok((answer(Outcome::Won, generation, Some(h)), None)),
-                Some(h) => Ok((answer(Outcome::Lost, generation, Some(h)), None)),
-            },
+        self.decide(|state| {
+            let (answer, put) = rules::claim(state.slot(vm), vm, claimant, generation)?;
+            Ok((answer, put.map(|entry| Record::Put { entry })))
         })
     }
 
     /// Re-pair: the holder of the current generation `generation` of `vm` opens
-    /// `generation + 1`, with no holder yet. Asking again (same claimant, same
-    /// `generation`) after it succeeded answers the same new generation.
+    /// `generation + 1`; see [`rules::re_pair`].
     pub fn re_pair(
         &self,
         vm: &str,
@@ -770,49 +729,8 @@ impl Store {
         generation: u64,
     ) -> Result<RePairResponse, StoreError> {
         self.decide(|state| {
-            let Some(e) = state.vms.get(vm) else {
-                return Err(StoreError::UnknownVm(vm.to_owned()));
-            };
-            let answer = |generation| RePairResponse {
-                vm: vm.to_owned(),
-                generation,
-            };
-            if generation == e.generation {
-                if e.holder.as_deref() != Some(claimant) {
-                    return Err(StoreError::NotHolder {
-                        vm: vm.to_owned(),
-                        claimant: claimant.to_owned(),
-                        generation,
-                        holder: e.holder.clone(),
-                    });
-                }
-                let next = generation
-                    .checked_add(1)
-                    .ok_or(StoreError::GenerationExhausted(generation))?;
-                let entry = Entry {
-                    vm: vm.to_owned(),
-                    generation: next,
-                    holder: None,
-                    opened_by: Some(claimant.to_owned()),
-                };
-                Ok((answer(next), Some(Record::Put { entry })))
-            } else if generation < e.generation {
-                if generation + 1 == e.generation && e.opened_by.as_deref() == Some(claimant) {
-                    Ok((answer(e.generation), None))
-                } else {
-                    Err(StoreError::StaleGeneration {
-                        vm: vm.to_owned(),
-                        asked: generation,
-                        current: e.generation,
-                    })
-                }
-            } else {
-                Err(StoreError::FutureGeneration {
-                    vm: vm.to_owned(),
-                    asked: generation,
-                    current: e.generation,
-                })
-            }
+            let (answer, put) = rules::re_pair(state.slot(vm), vm, claimant, generation)?;
+            Ok((answer, put.map(|entry| Record::Put { entry })))
         })
     }
 
@@ -840,13 +758,13 @@ impl Store {
     /// Operator clear: removes `vm`, retiring its generations (see [`Tombstone`]).
     /// Returns the removed entry, or `None` if the VM was not known.
     pub fn clear(&self, vm: &str) -> Result<Option<Entry>, StoreError> {
-        self.decide(|state| match state.vms.get(vm) {
+        self.decide(|state| match rules::clear(state.slot(vm)) {
             None => Ok((None, None)),
-            Some(e) => Ok((
-                Some(e.clone()),
+            Some(retired_generation) => Ok((
+                state.vms.get(vm).cloned(),
                 Some(Record::Clear {
                     vm: vm.to_owned(),
-                    retired_generation: e.generation,
+                    retired_generation,
                 }),
             )),
         })
@@ -856,6 +774,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Outcome;
 
     fn outcome(store: &Store, vm: &str, claimant: &str, generation: u64) -> Outcome {
         store

@@ -81,12 +81,19 @@ struct ChannelArgs {
 /// Failover: the arbiter both sides of a pair ask when they lose each other.
 #[derive(Debug, Args)]
 struct FailoverArgs {
-    /// The arbiter, HOST:PORT. Without it, a side that loses its peer halts.
+    /// The arbiter: HOST:PORT of a twinvm-arbiter, or etcd://HOST:PORT[,HOST:PORT...] for
+    /// an etcd cluster. Without it, a side that loses its peer halts.
     #[arg(long)]
     arbiter: Option<String>,
     /// File holding the arbiter's shared secret.
     #[arg(long)]
     arbiter_token_file: Option<PathBuf>,
+    /// etcd arbiter: prefix of the keys (one per VM).
+    #[arg(long, default_value = arbiter::etcd::DEFAULT_PREFIX)]
+    arbiter_etcd_prefix: String,
+    /// etcd arbiter: file holding `user:password`, if the cluster has authentication on.
+    #[arg(long)]
+    arbiter_etcd_credentials_file: Option<PathBuf>,
     /// The pair's generation at the arbiter (both sides the same).
     #[arg(long, default_value_t = 1)]
     generation: u64,
@@ -123,6 +130,35 @@ impl vmm::machine::Arbiter for HttpArbiter {
     }
 }
 
+/// The arbiter's test-and-set as an etcd transaction.
+struct EtcdArbiter {
+    client: arbiter::BlockingEtcdClient,
+    vm: String,
+    claimant: String,
+    generation: u64,
+}
+
+impl vmm::machine::Arbiter for EtcdArbiter {
+    fn claim(&mut self) -> Result<bool, String> {
+        match self
+            .client
+            .test_and_set(&self.vm, &self.claimant, self.generation)
+        {
+            Ok(r) => Ok(r.outcome == arbiter::Outcome::Won),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "generation {} of VM {:?} at the etcd arbiter {}",
+            self.generation,
+            self.vm,
+            self.client.client().endpoints()
+        )
+    }
+}
+
 impl FailoverArgs {
     fn arbiter(
         &self,
@@ -132,6 +168,28 @@ impl FailoverArgs {
         let Some(addr) = &self.arbiter else {
             return Ok(None);
         };
+        let claimant = self.claimant.clone().unwrap_or_else(|| role.to_string());
+        if addr.starts_with(arbiter::etcd::SCHEME) {
+            let mut config = arbiter::EtcdConfig::from_url(addr)?;
+            config.prefix = self.arbiter_etcd_prefix.clone();
+            if let Some(p) = &self.arbiter_etcd_credentials_file {
+                config.credentials = Some(arbiter::etcd::Credentials::from_file(p)?);
+            }
+            config.connect_timeout = std::time::Duration::from_millis(500);
+            config.request_timeout = std::time::Duration::from_secs(2);
+            config.attempts = 2;
+            let client = arbiter::BlockingEtcdClient::connect(config)
+                .and_then(|c| c.check(vm).map(|entry| (c, entry)));
+            let (client, entry) =
+                client.map_err(|e| anyhow::anyhow!("the etcd arbiter {addr}: {e}"))?;
+            tracing::info!(?entry, "etcd arbiter checked");
+            return Ok(Some(Box::new(EtcdArbiter {
+                client,
+                vm: vm.to_string(),
+                claimant,
+                generation: self.generation,
+            })));
+        }
         let token = match &self.arbiter_token_file {
             Some(p) => Some(arbiter::Token::from_file(p)?),
             None => None,
@@ -146,7 +204,7 @@ impl FailoverArgs {
         Ok(Some(Box::new(HttpArbiter {
             client,
             vm: vm.to_string(),
-            claimant: self.claimant.clone().unwrap_or_else(|| role.to_string()),
+            claimant,
             generation: self.generation,
             addr: addr.clone(),
         })))

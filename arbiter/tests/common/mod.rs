@@ -2,6 +2,9 @@
 //! ephemeral loopback port, kill it for real, and talk raw HTTP to it.
 #![allow(dead_code)]
 
+pub mod etcd_cluster;
+pub mod semantics;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
