@@ -13,4 +13,5 @@ pub mod memory;
 pub mod nic;
 pub mod rr;
 pub mod tap;
+pub mod trail;
 pub mod vstate;

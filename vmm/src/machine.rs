@@ -79,6 +79,9 @@ pub struct VmConfig {
     /// Test only: at this position, flip one byte of guest memory behind the guest's back,
     /// so that the next digest must report a divergence.
     pub corrupt_at: Option<u64>,
+    /// Keep the bytes of every page hashed at each of the last N digests in this directory
+    /// (see [`crate::trail`]).
+    pub page_trail: Option<(PathBuf, usize)>,
 }
 
 /// Told of every role change of the machine (`primary`, `live-after-failover`, `alone`,
@@ -152,6 +155,9 @@ pub enum MachineError {
     /// Recording or replaying.
     #[error(transparent)]
     Rr(#[from] RrError),
+    /// The page trail's directory.
+    #[error("{0}")]
+    Trail(String),
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed at position {pos}: {source}")]
     Run {
@@ -462,6 +468,8 @@ pub struct Machine {
     divergence: Option<serde_json::Value>,
     /// Test only: flip a byte of guest memory at this position (see [`VmConfig`]).
     corrupt_at: Option<u64>,
+    /// Keeps the bytes behind the last digests (`--page-trail`).
+    trail: Option<crate::trail::TrailWriter>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -553,6 +561,13 @@ impl Machine {
             role_listener: None,
             divergence: None,
             corrupt_at: cfg.corrupt_at,
+            trail: match &cfg.page_trail {
+                Some((dir, keep)) => Some(
+                    crate::trail::TrailWriter::new(dir, *keep)
+                        .map_err(|e| MachineError::Trail(e.to_string()))?,
+                ),
+                None => None,
+            },
             status_file: cfg.status_file.clone(),
             role: cfg.role.clone(),
             status_written: None,
@@ -1246,9 +1261,16 @@ impl Machine {
             ("console_hash", self.console_hash),
         ];
         let mut pages = 0u64;
+        let trail = &mut self.trail;
         let r = self.mode.digest(pos, || {
-            let d = state_digest(vcpu, vm, mem, pos, &console)?;
+            let (d, snap) = state_digest(vcpu, vm, mem, pos, &console, trail.is_some())?;
             pages = d.pages.len() as u64;
+            if let (Some(t), Some(snap)) = (trail.as_mut(), snap) {
+                // Written before the comparison, so a mismatching digest's bytes are kept.
+                if let Err(e) = t.write(&snap) {
+                    tracing::warn!("{e}");
+                }
+            }
             Ok(d)
         });
         match r {
@@ -1443,7 +1465,8 @@ pub fn state_digest(
     mem: &GuestMemory,
     pos: u64,
     extra: &[(&str, u64)],
-) -> Result<Digest, RrError> {
+    keep: bool,
+) -> Result<(Digest, Option<crate::trail::Snapshot>), RrError> {
     let kvm_err = |what: &str, e: kvm_ioctls::Error| RrError::Kvm(format!("{what}: {e}"));
     let r = vcpu
         .get_regs()
@@ -1498,6 +1521,7 @@ pub fn state_digest(
     let fpu_hash = hash_bytes(&fpu_digest_bytes(&f, s.cs.selector & 3 == 3));
 
     let mut pages = Vec::new();
+    let mut kept = Vec::new();
     let mut buf = vec![0u8; PAGE_SIZE as usize];
     for (slot, region) in mem.iter().enumerate() {
         let len = region.len() as usize;
@@ -1514,16 +1538,30 @@ pub fn state_digest(
                 mem.read_slice(&mut buf, GuestAddress(gpa))
                     .map_err(|e| RrError::Kvm(format!("reading guest page {gpa:#x}: {e}")))?;
                 pages.push((gpa / PAGE_SIZE, hash_bytes(&buf)));
+                if keep {
+                    kept.push(buf.clone());
+                }
             }
         }
         vmm_bitmap(region).reset();
     }
-    Ok(Digest {
-        pos: Position(pos),
-        regs,
-        fpu_hash,
-        pages,
-    })
+    let snap = keep.then(|| crate::trail::Snapshot {
+        pos,
+        cpl: (s.cs.selector & 3) as u8,
+        regs: regs.iter().cloned().collect(),
+        fpu: crate::trail::fpu_fields(&f),
+        gfns: pages.iter().map(|p| p.0).collect(),
+        pages: kept,
+    });
+    Ok((
+        Digest {
+            pos: Position(pos),
+            regs,
+            fpu_hash,
+            pages,
+        },
+        snap,
+    ))
 }
 
 /// The FPU/SSE state a digest covers: all of it where the guest runs user code (CPL 3),

@@ -54,6 +54,10 @@ enum Command {
     Replay(ReplayArgs),
     /// Print a log's header and entries, one per line.
     Dump(DumpArgs),
+    /// Compare two page trails (`--page-trail` of a recording and a replay, or of two
+    /// replays) digest by digest: differing registers, FPU registers and page bytes, with
+    /// a guess at what each page is. Exit status 0 if they agree, 5 if they differ.
+    Diff(DiffArgs),
     /// Run the guest as the primary of a live pair: stream every input to the backup, and
     /// hold console output until the backup has acknowledged the log that produced it.
     Primary(PrimaryArgs),
@@ -294,6 +298,20 @@ struct BackupArgs {
 }
 
 #[derive(Debug, Args)]
+struct DiffArgs {
+    /// The first page trail directory (A).
+    a: PathBuf,
+    /// The second page trail directory (B).
+    b: PathBuf,
+    /// Compare only the digest at this position.
+    #[arg(long)]
+    pos: Option<u64>,
+    /// Most differing byte ranges shown per page.
+    #[arg(long, default_value_t = 8)]
+    max_ranges: usize,
+}
+
+#[derive(Debug, Args)]
 struct DumpArgs {
     /// The log file.
     #[arg(long)]
@@ -347,6 +365,13 @@ struct ReplayArgs {
     /// Test only: flip a bit of guest memory at this position (the replay must diverge).
     #[arg(long, hide = true)]
     test_corrupt_at: Option<u64>,
+    /// Keep the bytes of every page hashed at the last digests in this directory, for
+    /// `twinvm diff` (see README: seeing a divergence).
+    #[arg(long)]
+    page_trail: Option<PathBuf>,
+    /// How many digests the page trail keeps.
+    #[arg(long, default_value_t = 8)]
+    page_trail_keep: usize,
 }
 
 /// What to boot. Without options, the image that guest-images/build.sh made.
@@ -394,6 +419,13 @@ struct GuestArgs {
     /// The card's MAC address, aa:bb:cc:dd:ee:ff [default: 52:54:00:74:77:01].
     #[arg(long, value_parser = parse_mac_arg)]
     mac: Option<[u8; 6]>,
+    /// Keep the bytes of every page hashed at the last digests in this directory (record,
+    /// primary, backup), for `twinvm diff`.
+    #[arg(long)]
+    page_trail: Option<PathBuf>,
+    /// How many digests the page trail keeps.
+    #[arg(long, default_value_t = 8)]
+    page_trail_keep: usize,
 }
 
 fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
@@ -475,6 +507,7 @@ impl GuestArgs {
             role: "alone".to_string(),
             tap: self.tap.clone(),
             corrupt_at: None,
+            page_trail: self.page_trail.clone().map(|d| (d, self.page_trail_keep)),
         })
     }
 }
@@ -520,6 +553,7 @@ impl ReplayArgs {
             role: "replaying".to_string(),
             tap: None,
             corrupt_at: self.test_corrupt_at,
+            page_trail: self.page_trail.clone().map(|d| (d, self.page_trail_keep)),
         })
     }
 }
@@ -1040,6 +1074,22 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay(args),
         Command::Primary(args) => primary(args),
         Command::Backup(args) => backup(args),
+        Command::Diff(args) => {
+            return match vmm::trail::diff(&args.a, &args.b, args.pos, args.max_ranges) {
+                Ok((report, differs)) => {
+                    print!("{report}");
+                    ExitCode::from(if differs {
+                        EXIT_DIVERGED
+                    } else {
+                        EXIT_POWEROFF
+                    })
+                }
+                Err(e) => {
+                    eprintln!("twinvm: error: {e}");
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
         Command::Dump(args) => {
             return match dump(args) {
                 Ok(()) => ExitCode::SUCCESS,
