@@ -12,5 +12,6 @@ pub mod machine;
 pub mod memory;
 pub mod nic;
 pub mod rr;
+pub mod signals;
 pub mod tap;
 pub mod vstate;

@@ -27,7 +27,7 @@ use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::{cmos::Cmos, PioBus};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
-use crate::vstate::{self, VcpuKick, VstateError};
+use crate::vstate::{self, KickArm, VcpuKick, VstateError};
 
 /// ISA line of the PIT's channel 0.
 pub const PIT_IRQ: u8 = 0;
@@ -419,7 +419,9 @@ impl MachineHandle {
 
 /// A booted machine, ready to run on the thread that created it.
 pub struct Machine {
-    // Field order is drop order: the vCPU and VM go before the memory they map.
+    // Field order is drop order: the kick is disarmed before the vCPU unmaps the `kvm_run`
+    // it writes to, and the vCPU and VM go before the memory they map.
+    _kick_arm: KickArm,
     vcpu: VcpuFd,
     vm: VmFd,
     _kvm: Kvm,
@@ -498,7 +500,10 @@ impl Machine {
         })?;
         cpuid::configure(&kvm, &vcpu)?;
         boot::setup_vcpu_regs(&vcpu, &layout)?;
-        let kick = VcpuKick::arm(&mut vcpu)?;
+        // SAFETY: the guard is the first field of the machine, so it is dropped (disarmed)
+        // before `vcpu`, on this thread (it is not `Send`); it is never leaked on its own.
+        let kick_arm = unsafe { KickArm::arm(&mut vcpu)? };
+        let kick = kick_arm.kicker();
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut mode = mode;
@@ -522,6 +527,7 @@ impl Machine {
             None => None,
         };
         Ok(Machine {
+            _kick_arm: kick_arm,
             vcpu,
             vm,
             _kvm: kvm,

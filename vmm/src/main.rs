@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use logchannel::entry::LogHeader;
 use sha2::{Digest as _, Sha256};
-use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::console::{spawn_stdin_forwarder, TerminalGuard};
 use vmm::machine::{HostEvent, Machine, RunOutcome, VmConfig};
 use vmm::rr::{Mode, Recorder, Replayer, RrError};
@@ -510,17 +509,8 @@ fn run_boxed(
     let mut machine = Machine::new(cfg, console, mode)?;
     prepare(&mut machine)?;
     let handle = machine.handle();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .context("installing signal handlers")?;
-    let sig_handle = handle.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                sig_handle.send(HostEvent::Stop(sig));
-            }
-        })
-        .context("starting the signal thread")?;
+    // A second SIGINT or SIGTERM while the first stop is pending exits at once.
+    vmm::signals::spawn_stop_on_signals(handle.clone()).context("starting the signal thread")?;
     // A replay never reads the terminal: its console input comes from the log (a live
     // backup forwards the terminal, but the machine ignores it until it goes live).
     let _term = interactive.then(TerminalGuard::new);
