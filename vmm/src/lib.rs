@@ -7,6 +7,7 @@ pub mod boot;
 pub mod console;
 pub mod cpuid;
 pub mod devices;
+pub mod ft;
 pub mod hostcpu;
 pub mod machine;
 pub mod memory;

@@ -85,11 +85,25 @@ pub struct VmConfig {
 /// `halted`, ...).
 pub type RoleListener = Box<dyn FnMut(&str) + Send>;
 
+/// The answer to one [`Arbiter::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This side holds the pair's generation: it goes on alone.
+    Won,
+    /// Another side holds it (or it is stale): this side halts. Says who holds it.
+    Lost(String),
+    /// No answer could be had (unreachable, timeouts, a server error): asked again, the
+    /// guest paused meanwhile.
+    Unreachable(String),
+    /// The arbiter refused the claim in a way that asking again will not change (a wrong
+    /// token, a bad id, a generation that is not open): this side halts at once.
+    Refused(String),
+}
+
 /// What decides, when one side of a live pair loses the other, which one goes on.
 pub trait Arbiter: Send {
-    /// Asks for the right to go on alone; `Ok(true)` if won, `Ok(false)` if the other side
-    /// holds it, `Err` if no answer could be had (the caller retries).
-    fn claim(&mut self) -> Result<bool, String>;
+    /// Asks for the right to go on alone.
+    fn claim(&mut self) -> Claim;
     /// Who is asking and for what, for messages.
     fn describe(&self) -> String;
 }
@@ -124,6 +138,19 @@ pub enum MachineError {
         reason: String,
         /// The arbiter's answer, or why there was none to ask.
         what: String,
+    },
+    /// The arbiter refused this side's claim after it lost its peer (a configuration
+    /// error, such as a wrong token): its guest is halted.
+    #[error("halted at position {pos}: the peer was lost ({reason}) and the arbiter refused {what}: {why}")]
+    ArbiterRefused {
+        /// Where.
+        pos: u64,
+        /// How the peer was lost.
+        reason: String,
+        /// What was claimed.
+        what: String,
+        /// The arbiter's refusal.
+        why: String,
     },
     /// Pinning the vCPU thread.
     #[error(transparent)]
@@ -878,22 +905,33 @@ impl Machine {
                 return Err(RrError::Interrupted.into());
             }
             match arbiter.claim() {
-                Ok(won) => break won,
-                Err(e) => {
+                Claim::Won => break Ok(()),
+                Claim::Lost(holder) => break Err(holder),
+                Claim::Unreachable(e) => {
                     eprintln!(
                         "twinvm: the arbiter did not answer ({e}); the guest stays paused until it does"
                     );
                     std::thread::sleep(Duration::from_millis(500));
                 }
+                Claim::Refused(why) => {
+                    let what = arbiter.describe();
+                    self.set_role("halted");
+                    return Err(MachineError::ArbiterRefused {
+                        pos,
+                        reason,
+                        what,
+                        why,
+                    });
+                }
             }
         };
         let what = arbiter.describe();
-        if !won {
+        if let Err(holder) = won {
             self.set_role("halted");
             return Err(MachineError::Halted {
                 pos,
                 reason,
-                what: format!("the arbiter gave {what} to the other side"),
+                what: format!("the arbiter gave {what} to the other side ({holder})"),
             });
         }
         eprintln!(

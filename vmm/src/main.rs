@@ -20,6 +20,9 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_HALTED: u8 = 4;
 /// Exit status of a replay, or a live backup, whose guest stopped matching the log.
 const EXIT_DIVERGED: u8 = 5;
+/// Exit status of a side of a pair that lost its peer and whose claim the arbiter refused
+/// (a configuration error such as a wrong token): halted at once, without retrying.
+const EXIT_ARBITER_REFUSED: u8 = 6;
 /// Exit status when the guest reset the machine (reboot, triple fault, or a panic with
 /// `panic=-1`).
 const EXIT_RESET: u8 = 3;
@@ -38,6 +41,7 @@ struct Cli {
 const EXIT_HELP: &str = "Exit status: 0 the guest powered off (or a replay reached the recorded stop); 3 the guest rebooted or reset; \
 4 halted after losing the peer of a pair without winning the arbiter; \
 5 a replay or a live backup diverged from the log (reported with the position and what differed); \
+6 halted after losing the peer because the arbiter refused the claim (a wrong token, a bad id, a generation not open); \
 128+N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM); 1 an error (one line on stderr).";
 
 #[derive(Debug, Subcommand)]
@@ -89,40 +93,17 @@ struct FailoverArgs {
     /// The pair's generation at the arbiter (both sides the same).
     #[arg(long, default_value_t = 1)]
     generation: u64,
-    /// This side's name at the arbiter [default: primary or backup].
+    /// The name this side's incarnation at the arbiter starts with [default: primary or
+    /// backup]; the host, boot id, process id and a random id follow, so that no two
+    /// processes ever claim as one.
     #[arg(long)]
     claimant: Option<String>,
 }
 
-/// The arbiter's test-and-set over HTTP.
-struct HttpArbiter {
-    client: arbiter::BlockingClient,
-    vm: String,
-    claimant: String,
-    generation: u64,
-    addr: String,
-}
-
-impl vmm::machine::Arbiter for HttpArbiter {
-    fn claim(&mut self) -> Result<bool, String> {
-        match self
-            .client
-            .test_and_set(&self.vm, &self.claimant, self.generation)
-        {
-            Ok(r) => Ok(r.outcome == arbiter::Outcome::Won),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "generation {} of VM {:?} at the arbiter {}",
-            self.generation, self.vm, self.addr
-        )
-    }
-}
-
 impl FailoverArgs {
+    /// The arbiter this side claims at when it loses its peer, checked now (it answers, it
+    /// takes the token, the pair's generation is open) so that a configuration error is
+    /// found before the guest boots. See `vmm::ft::arbiter`.
     fn arbiter(
         &self,
         vm: &str,
@@ -131,24 +112,19 @@ impl FailoverArgs {
         let Some(addr) = &self.arbiter else {
             return Ok(None);
         };
-        let token = match &self.arbiter_token_file {
-            Some(p) => Some(arbiter::Token::from_file(p)?),
-            None => None,
-        };
-        let config = arbiter::ClientConfig {
-            connect_timeout: std::time::Duration::from_millis(500),
-            request_timeout: std::time::Duration::from_secs(2),
-            attempts: 2,
-            ..Default::default()
-        };
-        let client = arbiter::BlockingClient::with_config(addr.clone(), token, config)?;
-        Ok(Some(Box::new(HttpArbiter {
-            client,
-            vm: vm.to_string(),
-            claimant: self.claimant.clone().unwrap_or_else(|| role.to_string()),
-            generation: self.generation,
+        let arbiter = vmm::ft::arbiter::HttpArbiter::connect(&vmm::ft::arbiter::ArbiterSettings {
             addr: addr.clone(),
-        })))
+            token_file: self.arbiter_token_file.clone(),
+            vm: vm.to_string(),
+            generation: self.generation,
+            name: self.claimant.clone().unwrap_or_else(|| role.to_string()),
+        })?;
+        eprintln!(
+            "twinvm: {role}: generation {} of VM {vm:?} is open at the arbiter {addr}; this side is {}",
+            self.generation,
+            arbiter.claimant()
+        );
+        Ok(Some(Box::new(arbiter)))
     }
 }
 
@@ -732,6 +708,7 @@ fn spawn_output_releaser(
 }
 
 fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
+    let arbiter = args.failover.arbiter(&args.vm_id, "primary")?;
     let mut cfg = args.guest.to_config()?;
     cfg.digest_interval = args.digest_interval;
     cfg.role = "primary".to_string();
@@ -763,7 +740,6 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let (tap_tx, tap_rx) = std::sync::mpsc::channel();
     let decision = Arc::new(std::sync::atomic::AtomicU8::new(DECISION_PENDING));
     let releaser = spawn_output_releaser(sender.clone(), rx, tap_rx, decision.clone());
-    let arbiter = args.failover.arbiter(&args.vm_id, "primary")?;
     let recorder = Recorder::live(
         sender.clone(),
         vmm::rr::LagLimit {
@@ -842,6 +818,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
 }
 
 fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
+    let arbiter = args.failover.arbiter(&args.vm_id, "backup")?;
     let mut cfg = args.guest.to_config()?;
     cfg.role = "backup".to_string();
     let listener =
@@ -883,7 +860,6 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         }
         None => Box::new(std::io::sink()),
     };
-    let arbiter = args.failover.arbiter(&args.vm_id, "backup")?;
     run_boxed(
         &cfg,
         Mode::Replay(Box::new(Replayer::live(rx))),
@@ -993,6 +969,8 @@ enum Outcome {
     Halted(String),
     /// A replay or a live backup stopped matching the log.
     Diverged(String),
+    /// A side of a pair lost its peer and the arbiter refused its claim: its guest is halted.
+    ArbiterRefused(String),
     /// Anything else that went wrong.
     Error(anyhow::Error),
 }
@@ -1007,6 +985,9 @@ impl From<anyhow::Result<RunOutcome>> for Outcome {
             Ok(RunOutcome::Stopped(sig)) => Outcome::Signal(sig),
             Err(e) => match e.downcast_ref::<MachineError>() {
                 Some(h @ MachineError::Halted { .. }) => Outcome::Halted(h.to_string()),
+                Some(r @ MachineError::ArbiterRefused { .. }) => {
+                    Outcome::ArbiterRefused(r.to_string())
+                }
                 Some(d @ MachineError::Rr(RrError::Divergence { .. })) => {
                     Outcome::Diverged(d.to_string())
                 }
@@ -1024,6 +1005,7 @@ impl Outcome {
             Outcome::Reset => EXIT_RESET,
             Outcome::Halted(_) => EXIT_HALTED,
             Outcome::Diverged(_) => EXIT_DIVERGED,
+            Outcome::ArbiterRefused(_) => EXIT_ARBITER_REFUSED,
             Outcome::Signal(sig) => 128u8.saturating_add(*sig as u8),
         }
     }
@@ -1038,6 +1020,7 @@ impl Outcome {
             Outcome::Signal(sig) => eprintln!("twinvm: stopped by signal {sig}"),
             Outcome::Halted(why) => eprintln!("twinvm: {why}"),
             Outcome::Diverged(what) => eprintln!("twinvm: error: {what}"),
+            Outcome::ArbiterRefused(what) => eprintln!("twinvm: {what}"),
             Outcome::Error(e) => eprintln!("twinvm: error: {e:#}"),
         }
     }
@@ -1051,5 +1034,31 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_arbiter_refusal_halts_with_its_own_status() {
+        let refused = Outcome::from(Err(anyhow::Error::from(
+            vmm::machine::MachineError::ArbiterRefused {
+                pos: 7,
+                reason: "peer silent".into(),
+                what: "generation 1".into(),
+                why: "401".into(),
+            },
+        )));
+        assert!(matches!(refused, Outcome::ArbiterRefused(_)), "{refused:?}");
+        assert_eq!(refused.exit_status(), EXIT_ARBITER_REFUSED);
+        let statuses = [
+            EXIT_POWEROFF,
+            EXIT_ERROR,
+            EXIT_RESET,
+            EXIT_HALTED,
+            EXIT_DIVERGED,
+            EXIT_ARBITER_REFUSED,
+        ];
+        for (i, a) in statuses.iter().enumerate() {
+            assert!(!statuses[i + 1..].contains(a), "status {a} used twice");
+        }
+        assert!(EXIT_HELP.contains("6 halted after losing the peer because the arbiter refused"));
     }
 }
