@@ -15,6 +15,9 @@ use arbiter::protocol::{ClaimResponse, Entry};
 
 use crate::machine::{Arbiter, Claim};
 
+/// How long a side waits at start-up for an arbiter that does not answer yet.
+pub const START_WAIT: Duration = Duration::from_secs(10);
+
 /// Errors setting up the arbiter at start-up; each is a configuration error, found before
 /// the guest boots.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +34,7 @@ pub enum ArbiterSetupError {
         source: ClientError,
     },
     /// The arbiter does not answer its health check.
-    #[error("the arbiter at {addr} does not answer ({source}): start it, or fix --arbiter")]
+    #[error("the arbiter at {addr} does not answer ({source}), after waiting {START_WAIT:?}: start it, or fix --arbiter")]
     Unreachable {
         /// The arbiter's address.
         addr: String,
@@ -149,12 +152,25 @@ impl HttpArbiter {
     /// and has the pair's generation open (see [`check_generation`]).
     pub fn check_start(&self, token_file: Option<&Path>) -> Result<(), ArbiterSetupError> {
         let addr = self.addr.clone();
-        self.client
-            .health()
-            .map_err(|source| ArbiterSetupError::Unreachable {
-                addr: addr.clone(),
-                source,
-            })?;
+        // An arbiter started together with the pair may not listen yet: give it a moment.
+        let deadline = std::time::Instant::now() + START_WAIT;
+        loop {
+            match self.client.health() {
+                Ok(()) => break,
+                Err(e @ ClientError::Unavailable { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!("arbiter not answering yet: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(source) => {
+                    return Err(ArbiterSetupError::Unreachable {
+                        addr: addr.clone(),
+                        source,
+                    })
+                }
+            }
+        }
         let refused = |source: ClientError| match source.code() {
             Some(arbiter::ErrorCode::Unauthorized) => ArbiterSetupError::BadToken {
                 addr: addr.clone(),
