@@ -4,8 +4,11 @@ fn main() {
     let kvm = vmm::vstate::open_kvm(std::path::Path::new("/dev/kvm")).expect("kvm");
     for c in vmm::hostcpu::allowed_cpus() {
         vmm::hostcpu::pin_current_thread(c).unwrap();
-        for (leaf, saw, table) in vmm::hostcpu::probe_user_cpuid(&kvm, &[0, 1, 7]).unwrap() {
-            println!("cpu {c} leaf {leaf:#x}: guest saw {saw:08x?}, table {table:08x?}");
+        for u in vmm::hostcpu::probe_user_cpuid(&kvm, &[0, 1, 7]).unwrap() {
+            println!(
+                "cpu {c} leaf {:#x}: guest saw {:08x?}, table {:08x?}",
+                u.leaf, u.saw, u.table
+            );
         }
         println!("cpu {c}: {:?}", vmm::hostcpu::probe_cpuid_trap(&kvm));
     }

@@ -3,14 +3,31 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 
 use crate::machine::{HostEvent, MachineHandle};
+
+/// The terminal settings a [`TerminalGuard`] changed, for [`restore_terminal`].
+static SAVED_TERMINAL: Mutex<Option<libc::termios>> = Mutex::new(None);
+
+/// Puts back the terminal settings a [`TerminalGuard`] changed, if any (at most once): its
+/// drop does it, and so does a process that must exit at once without unwinding.
+pub fn restore_terminal() {
+    let saved = SAVED_TERMINAL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(saved) = saved {
+        // SAFETY: restoring settings read from this fd by tcgetattr.
+        unsafe { libc::tcsetattr(std::io::stdin().as_raw_fd(), libc::TCSANOW, &saved) };
+    }
+}
 
 /// Puts a terminal on standard input into character-at-a-time mode without local echo (the
 /// guest echoes), and restores it when dropped. Signals stay on, so Ctrl-C stops the VMM.
 #[derive(Debug)]
 pub struct TerminalGuard {
-    saved: Option<libc::termios>,
+    _private: (),
 }
 
 impl TerminalGuard {
@@ -19,15 +36,15 @@ impl TerminalGuard {
         let fd = std::io::stdin().as_raw_fd();
         // SAFETY: isatty only inspects the fd.
         if unsafe { libc::isatty(fd) } != 1 {
-            return TerminalGuard { saved: None };
+            return TerminalGuard { _private: () };
         }
         // SAFETY: termios is plain data that tcgetattr fills completely on success.
         let mut t: libc::termios = unsafe { std::mem::zeroed() };
         // SAFETY: `t` is a valid termios to write into.
         if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
-            return TerminalGuard { saved: None };
+            return TerminalGuard { _private: () };
         }
-        let saved = t;
+        *SAVED_TERMINAL.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         // No line editing, no echo, no CR-to-NL translation: keys go to the guest as typed.
         t.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ECHONL | libc::IEXTEN);
         t.c_iflag &= !(libc::ICRNL | libc::IXON);
@@ -35,7 +52,7 @@ impl TerminalGuard {
         t.c_cc[libc::VTIME] = 0;
         // SAFETY: `t` is a valid termios derived from the current settings.
         unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) };
-        TerminalGuard { saved: Some(saved) }
+        TerminalGuard { _private: () }
     }
 }
 
@@ -47,10 +64,7 @@ impl Default for TerminalGuard {
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
-        if let Some(saved) = self.saved {
-            // SAFETY: restoring settings read from this fd by tcgetattr.
-            unsafe { libc::tcsetattr(std::io::stdin().as_raw_fd(), libc::TCSANOW, &saved) };
-        }
+        restore_terminal();
     }
 }
 

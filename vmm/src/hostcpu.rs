@@ -86,14 +86,22 @@ const MARKER: [u32; 3] = [
 /// The probe's port: the guest writes what its CPUID returned here.
 const PROBE_PORT: u16 = 0x80;
 
+/// What guest user code saw for one `CPUID` leaf, beside the VMM's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserCpuid {
+    /// The leaf (sub-leaf 0).
+    pub leaf: u32,
+    /// EAX, EBX, ECX, EDX as the guest saw them.
+    pub saw: [u32; 4],
+    /// The same in the VMM's table.
+    pub table: [u32; 4],
+}
+
 /// Runs a tiny guest that enters user mode (CPL 3, long mode) with `iretq`, as an OS does,
 /// and there executes `CPUID` for each of `leaves` and writes EAX, EBX, ECX and EDX to a
 /// port (IOPL 3 lets it). Returns what the guest saw, and the VMM's table for the same
 /// leaves (the table's leaf 0 carries a marker vendor string).
-pub fn probe_user_cpuid(
-    kvm: &Kvm,
-    leaves: &[u32],
-) -> Result<Vec<(u32, [u32; 4], [u32; 4])>, HostCpuError> {
+pub fn probe_user_cpuid(kvm: &Kvm, leaves: &[u32]) -> Result<Vec<UserCpuid>, HostCpuError> {
     let err = |what: &str, e: &dyn std::fmt::Display| HostCpuError::Probe(format!("{what}: {e}"));
     let mem =
         memory::create_guest_memory(memory::MIN_MEM_MIB).map_err(|e| err("guest memory", &e))?;
@@ -230,7 +238,11 @@ pub fn probe_user_cpuid(
                 .iter()
                 .find(|e| e.function == leaf && e.index == 0)
                 .map_or([0; 4], |e| [e.eax, e.ebx, e.ecx, e.edx]);
-            (leaf, saw, t)
+            UserCpuid {
+                leaf,
+                saw,
+                table: t,
+            }
         })
         .collect())
 }
@@ -240,7 +252,7 @@ pub fn probe_user_cpuid(
 /// leaf 0 but fills in leaf 1 from the host CPU counts as native).
 pub fn probe_cpuid_trap(kvm: &Kvm) -> Result<CpuidTrap, HostCpuError> {
     let seen = probe_user_cpuid(kvm, &[0, 1])?;
-    Ok(if seen.iter().all(|(_, saw, table)| saw == table) {
+    Ok(if seen.iter().all(|u| u.saw == u.table) {
         CpuidTrap::Trapped
     } else {
         CpuidTrap::Native

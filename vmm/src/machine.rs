@@ -27,7 +27,7 @@ use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::{cmos::Cmos, PioBus};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
-use crate::vstate::{self, VcpuKick, VstateError};
+use crate::vstate::{self, KickArm, VcpuKick, VstateError};
 
 /// ISA line of the PIT's channel 0.
 pub const PIT_IRQ: u8 = 0;
@@ -88,11 +88,25 @@ pub struct VmConfig {
 /// `halted`, ...).
 pub type RoleListener = Box<dyn FnMut(&str) + Send>;
 
+/// The answer to one [`Arbiter::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This side holds the pair's generation: it goes on alone.
+    Won,
+    /// Another side holds it (or it is stale): this side halts. Says who holds it.
+    Lost(String),
+    /// No answer could be had (unreachable, timeouts, a server error): asked again, the
+    /// guest paused meanwhile.
+    Unreachable(String),
+    /// The arbiter refused the claim in a way that asking again will not change (a wrong
+    /// token, a bad id, a generation that is not open): this side halts at once.
+    Refused(String),
+}
+
 /// What decides, when one side of a live pair loses the other, which one goes on.
 pub trait Arbiter: Send {
-    /// Asks for the right to go on alone; `Ok(true)` if won, `Ok(false)` if the other side
-    /// holds it, `Err` if no answer could be had (the caller retries).
-    fn claim(&mut self) -> Result<bool, String>;
+    /// Asks for the right to go on alone.
+    fn claim(&mut self) -> Claim;
     /// Who is asking and for what, for messages.
     fn describe(&self) -> String;
 }
@@ -127,6 +141,19 @@ pub enum MachineError {
         reason: String,
         /// The arbiter's answer, or why there was none to ask.
         what: String,
+    },
+    /// The arbiter refused this side's claim after it lost its peer (a configuration
+    /// error, such as a wrong token): its guest is halted.
+    #[error("halted at position {pos}: the peer was lost ({reason}) and the arbiter refused {what}: {why}")]
+    ArbiterRefused {
+        /// Where.
+        pos: u64,
+        /// How the peer was lost.
+        reason: String,
+        /// What was claimed.
+        what: String,
+        /// The arbiter's refusal.
+        why: String,
     },
     /// Pinning the vCPU thread.
     #[error(transparent)]
@@ -425,7 +452,9 @@ impl MachineHandle {
 
 /// A booted machine, ready to run on the thread that created it.
 pub struct Machine {
-    // Field order is drop order: the vCPU and VM go before the memory they map.
+    // Field order is drop order: the kick is disarmed before the vCPU unmaps the `kvm_run`
+    // it writes to, and the vCPU and VM go before the memory they map.
+    _kick_arm: KickArm,
     vcpu: VcpuFd,
     vm: VmFd,
     _kvm: Kvm,
@@ -506,7 +535,10 @@ impl Machine {
         })?;
         cpuid::configure(&kvm, &vcpu)?;
         boot::setup_vcpu_regs(&vcpu, &layout)?;
-        let kick = VcpuKick::arm(&mut vcpu)?;
+        // SAFETY: the guard is the first field of the machine, so it is dropped (disarmed)
+        // before `vcpu`, on this thread (it is not `Send`); it is never leaked on its own.
+        let kick_arm = unsafe { KickArm::arm(&mut vcpu)? };
+        let kick = kick_arm.kicker();
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut mode = mode;
@@ -530,6 +562,7 @@ impl Machine {
             None => None,
         };
         Ok(Machine {
+            _kick_arm: kick_arm,
             vcpu,
             vm,
             _kvm: kvm,
@@ -887,22 +920,33 @@ impl Machine {
                 return Err(RrError::Interrupted.into());
             }
             match arbiter.claim() {
-                Ok(won) => break won,
-                Err(e) => {
+                Claim::Won => break Ok(()),
+                Claim::Lost(holder) => break Err(holder),
+                Claim::Unreachable(e) => {
                     eprintln!(
                         "twinvm: the arbiter did not answer ({e}); the guest stays paused until it does"
                     );
                     std::thread::sleep(Duration::from_millis(500));
                 }
+                Claim::Refused(why) => {
+                    let what = arbiter.describe();
+                    self.set_role("halted");
+                    return Err(MachineError::ArbiterRefused {
+                        pos,
+                        reason,
+                        what,
+                        why,
+                    });
+                }
             }
         };
         let what = arbiter.describe();
-        if !won {
+        if let Err(holder) = won {
             self.set_role("halted");
             return Err(MachineError::Halted {
                 pos,
                 reason,
-                what: format!("the arbiter gave {what} to the other side"),
+                what: format!("the arbiter gave {what} to the other side ({holder})"),
             });
         }
         eprintln!(

@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use logchannel::entry::LogHeader;
 use sha2::{Digest as _, Sha256};
-use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::console::{spawn_stdin_forwarder, TerminalGuard};
 use vmm::machine::{HostEvent, Machine, RunOutcome, VmConfig};
 use vmm::rr::{Mode, Recorder, Replayer, RrError};
@@ -21,6 +20,9 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_HALTED: u8 = 4;
 /// Exit status of a replay, or a live backup, whose guest stopped matching the log.
 const EXIT_DIVERGED: u8 = 5;
+/// Exit status of a side of a pair that lost its peer and whose claim the arbiter refused
+/// (a configuration error such as a wrong token): halted at once, without retrying.
+const EXIT_ARBITER_REFUSED: u8 = 6;
 /// Exit status when the guest reset the machine (reboot, triple fault, or a panic with
 /// `panic=-1`).
 const EXIT_RESET: u8 = 3;
@@ -39,6 +41,7 @@ struct Cli {
 const EXIT_HELP: &str = "Exit status: 0 the guest powered off (or a replay reached the recorded stop); 3 the guest rebooted or reset; \
 4 halted after losing the peer of a pair without winning the arbiter; \
 5 a replay or a live backup diverged from the log (reported with the position and what differed); \
+6 halted after losing the peer because the arbiter refused the claim (a wrong token, a bad id, a generation not open); \
 128+N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM); 1 an error (one line on stderr).";
 
 #[derive(Debug, Subcommand)]
@@ -101,69 +104,17 @@ struct FailoverArgs {
     /// The pair's generation at the arbiter (both sides the same).
     #[arg(long, default_value_t = 1)]
     generation: u64,
-    /// This side's name at the arbiter [default: primary or backup].
+    /// The name this side's incarnation at the arbiter starts with [default: primary or
+    /// backup]; the host, boot id, process id and a random id follow, so that no two
+    /// processes ever claim as one.
     #[arg(long)]
     claimant: Option<String>,
 }
 
-/// The arbiter's test-and-set over HTTP.
-struct HttpArbiter {
-    client: arbiter::BlockingClient,
-    vm: String,
-    claimant: String,
-    generation: u64,
-    addr: String,
-}
-
-impl vmm::machine::Arbiter for HttpArbiter {
-    fn claim(&mut self) -> Result<bool, String> {
-        match self
-            .client
-            .test_and_set(&self.vm, &self.claimant, self.generation)
-        {
-            Ok(r) => Ok(r.outcome == arbiter::Outcome::Won),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "generation {} of VM {:?} at the arbiter {}",
-            self.generation, self.vm, self.addr
-        )
-    }
-}
-
-/// The arbiter's test-and-set as an etcd transaction.
-struct EtcdArbiter {
-    client: arbiter::BlockingEtcdClient,
-    vm: String,
-    claimant: String,
-    generation: u64,
-}
-
-impl vmm::machine::Arbiter for EtcdArbiter {
-    fn claim(&mut self) -> Result<bool, String> {
-        match self
-            .client
-            .test_and_set(&self.vm, &self.claimant, self.generation)
-        {
-            Ok(r) => Ok(r.outcome == arbiter::Outcome::Won),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "generation {} of VM {:?} at the etcd arbiter {}",
-            self.generation,
-            self.vm,
-            self.client.client().endpoints()
-        )
-    }
-}
-
 impl FailoverArgs {
+    /// The arbiter this side claims at when it loses its peer, checked now (it answers, it
+    /// takes the token, the pair's generation is open) so that a configuration error is
+    /// found before the guest boots. See `vmm::ft::arbiter`.
     fn arbiter(
         &self,
         vm: &str,
@@ -172,46 +123,36 @@ impl FailoverArgs {
         let Some(addr) = &self.arbiter else {
             return Ok(None);
         };
-        let claimant = self.claimant.clone().unwrap_or_else(|| role.to_string());
+        let name = self.claimant.clone().unwrap_or_else(|| role.to_string());
         if addr.starts_with(arbiter::etcd::SCHEME) {
-            let mut config = arbiter::EtcdConfig::from_url(addr)?;
-            config.prefix = self.arbiter_etcd_prefix.clone();
-            if let Some(p) = &self.arbiter_etcd_credentials_file {
-                config.credentials = Some(arbiter::etcd::Credentials::from_file(p)?);
-            }
-            config.connect_timeout = std::time::Duration::from_millis(500);
-            config.request_timeout = std::time::Duration::from_secs(2);
-            config.attempts = 2;
-            let client = arbiter::BlockingEtcdClient::connect(config)
-                .and_then(|c| c.check(vm).map(|entry| (c, entry)));
-            let (client, entry) =
-                client.map_err(|e| anyhow::anyhow!("the etcd arbiter {addr}: {e}"))?;
-            tracing::info!(?entry, "etcd arbiter checked");
-            return Ok(Some(Box::new(EtcdArbiter {
-                client,
+            let arbiter = vmm::ft::etcd::EtcdArbiter::connect(&vmm::ft::etcd::EtcdSettings {
+                url: addr.clone(),
+                prefix: self.arbiter_etcd_prefix.clone(),
+                credentials_file: self.arbiter_etcd_credentials_file.clone(),
                 vm: vm.to_string(),
-                claimant,
                 generation: self.generation,
-            })));
+                name,
+            })?;
+            eprintln!(
+                "twinvm: {role}: generation {} of VM {vm:?} is open at the etcd arbiter {addr}; this side is {}",
+                self.generation,
+                arbiter.claimant()
+            );
+            return Ok(Some(Box::new(arbiter)));
         }
-        let token = match &self.arbiter_token_file {
-            Some(p) => Some(arbiter::Token::from_file(p)?),
-            None => None,
-        };
-        let config = arbiter::ClientConfig {
-            connect_timeout: std::time::Duration::from_millis(500),
-            request_timeout: std::time::Duration::from_secs(2),
-            attempts: 2,
-            ..Default::default()
-        };
-        let client = arbiter::BlockingClient::with_config(addr.clone(), token, config)?;
-        Ok(Some(Box::new(HttpArbiter {
-            client,
-            vm: vm.to_string(),
-            claimant,
-            generation: self.generation,
+        let arbiter = vmm::ft::arbiter::HttpArbiter::connect(&vmm::ft::arbiter::ArbiterSettings {
             addr: addr.clone(),
-        })))
+            token_file: self.arbiter_token_file.clone(),
+            vm: vm.to_string(),
+            generation: self.generation,
+            name: self.claimant.clone().unwrap_or_else(|| role.to_string()),
+        })?;
+        eprintln!(
+            "twinvm: {role}: generation {} of VM {vm:?} is open at the arbiter {addr}; this side is {}",
+            self.generation,
+            arbiter.claimant()
+        );
+        Ok(Some(Box::new(arbiter)))
     }
 }
 
@@ -610,17 +551,8 @@ fn run_boxed(
     let mut machine = Machine::new(cfg, console, mode)?;
     prepare(&mut machine)?;
     let handle = machine.handle();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .context("installing signal handlers")?;
-    let sig_handle = handle.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                sig_handle.send(HostEvent::Stop(sig));
-            }
-        })
-        .context("starting the signal thread")?;
+    // A second SIGINT or SIGTERM while the first stop is pending exits at once.
+    vmm::signals::spawn_stop_on_signals(handle.clone()).context("starting the signal thread")?;
     // A replay never reads the terminal: its console input comes from the log (a live
     // backup forwards the terminal, but the machine ignores it until it goes live).
     let _term = interactive.then(TerminalGuard::new);
@@ -684,7 +616,11 @@ fn record(args: &RecordArgs) -> anyhow::Result<RunOutcome> {
     )
     .with_cpuid(placement.cpuid);
     let recorder = Recorder::create(&args.log, &header)?;
-    run(&cfg, Mode::Record(recorder), args.guest.stats.as_deref())
+    run(
+        &cfg,
+        Mode::Record(Box::new(recorder)),
+        args.guest.stats.as_deref(),
+    )
 }
 
 /// The header both sides of a live pair compute from their own image and options.
@@ -842,6 +778,7 @@ fn spawn_output_releaser(
 }
 
 fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
+    let arbiter = args.failover.arbiter(&args.vm_id, "primary")?;
     let mut cfg = args.guest.to_config()?;
     cfg.digest_interval = args.digest_interval;
     cfg.role = "primary".to_string();
@@ -873,7 +810,6 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let (tap_tx, tap_rx) = std::sync::mpsc::channel();
     let decision = Arc::new(std::sync::atomic::AtomicU8::new(DECISION_PENDING));
     let releaser = spawn_output_releaser(sender.clone(), rx, tap_rx, decision.clone());
-    let arbiter = args.failover.arbiter(&args.vm_id, "primary")?;
     let recorder = Recorder::live(
         sender.clone(),
         vmm::rr::LagLimit {
@@ -894,7 +830,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let done = machine_done.clone();
     let result = run_boxed(
         &cfg,
-        Mode::Record(recorder),
+        Mode::Record(Box::new(recorder)),
         args.guest.stats.as_deref(),
         Box::new(out),
         true,
@@ -954,6 +890,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
 }
 
 fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
+    let arbiter = args.failover.arbiter(&args.vm_id, "backup")?;
     let mut cfg = args.guest.to_config()?;
     cfg.role = "backup".to_string();
     let listener =
@@ -995,7 +932,6 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         }
         None => Box::new(std::io::sink()),
     };
-    let arbiter = args.failover.arbiter(&args.vm_id, "backup")?;
     run_boxed(
         &cfg,
         Mode::Replay(Box::new(Replayer::live(rx))),
@@ -1121,6 +1057,8 @@ enum Outcome {
     Halted(String),
     /// A replay or a live backup stopped matching the log.
     Diverged(String),
+    /// A side of a pair lost its peer and the arbiter refused its claim: its guest is halted.
+    ArbiterRefused(String),
     /// Anything else that went wrong.
     Error(anyhow::Error),
 }
@@ -1135,6 +1073,9 @@ impl From<anyhow::Result<RunOutcome>> for Outcome {
             Ok(RunOutcome::Stopped(sig)) => Outcome::Signal(sig),
             Err(e) => match e.downcast_ref::<MachineError>() {
                 Some(h @ MachineError::Halted { .. }) => Outcome::Halted(h.to_string()),
+                Some(r @ MachineError::ArbiterRefused { .. }) => {
+                    Outcome::ArbiterRefused(r.to_string())
+                }
                 Some(d @ MachineError::Rr(RrError::Divergence { .. })) => {
                     Outcome::Diverged(d.to_string())
                 }
@@ -1152,6 +1093,7 @@ impl Outcome {
             Outcome::Reset => EXIT_RESET,
             Outcome::Halted(_) => EXIT_HALTED,
             Outcome::Diverged(_) => EXIT_DIVERGED,
+            Outcome::ArbiterRefused(_) => EXIT_ARBITER_REFUSED,
             Outcome::Signal(sig) => 128u8.saturating_add(*sig as u8),
         }
     }
@@ -1166,6 +1108,7 @@ impl Outcome {
             Outcome::Signal(sig) => eprintln!("twinvm: stopped by signal {sig}"),
             Outcome::Halted(why) => eprintln!("twinvm: {why}"),
             Outcome::Diverged(what) => eprintln!("twinvm: error: {what}"),
+            Outcome::ArbiterRefused(what) => eprintln!("twinvm: {what}"),
             Outcome::Error(e) => eprintln!("twinvm: error: {e:#}"),
         }
     }
@@ -1179,5 +1122,31 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_arbiter_refusal_halts_with_its_own_status() {
+        let refused = Outcome::from(Err(anyhow::Error::from(
+            vmm::machine::MachineError::ArbiterRefused {
+                pos: 7,
+                reason: "peer silent".into(),
+                what: "generation 1".into(),
+                why: "401".into(),
+            },
+        )));
+        assert!(matches!(refused, Outcome::ArbiterRefused(_)), "{refused:?}");
+        assert_eq!(refused.exit_status(), EXIT_ARBITER_REFUSED);
+        let statuses = [
+            EXIT_POWEROFF,
+            EXIT_ERROR,
+            EXIT_RESET,
+            EXIT_HALTED,
+            EXIT_DIVERGED,
+            EXIT_ARBITER_REFUSED,
+        ];
+        for (i, a) in statuses.iter().enumerate() {
+            assert!(!statuses[i + 1..].contains(a), "status {a} used twice");
+        }
+        assert!(EXIT_HELP.contains("6 halted after losing the peer because the arbiter refused"));
     }
 }

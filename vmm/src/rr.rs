@@ -182,7 +182,7 @@ pub enum Mode {
     /// Host clock and terminal, nothing logged.
     Live,
     /// Host clock and terminal, everything logged.
-    Record(Recorder),
+    Record(Box<Recorder>),
     /// Everything from the log.
     Replay(Box<Replayer>),
 }
@@ -550,11 +550,12 @@ impl Mode {
     /// when it needs the next entry). An `Err` is a peer loss for [`Mode::is_peer_loss`].
     pub fn check_peer(&self) -> Result<(), RrError> {
         match self {
-            Mode::Record(Recorder {
-                sink: Sink::Net(s), ..
-            }) => match s.failure() {
-                Some(f) => Err(f.into()),
-                None => Ok(()),
+            Mode::Record(r) => match &r.sink {
+                Sink::Net(s) => match s.failure() {
+                    Some(f) => Err(f.into()),
+                    None => Ok(()),
+                },
+                Sink::File(_) => Ok(()),
             },
             _ => Ok(()),
         }

@@ -2,8 +2,9 @@
 //! and its memory slot, the one vCPU, `KVM_INTERRUPT` (which kvm-ioctls does not wrap), and
 //! kicking the vCPU out of `KVM_RUN` with a signal.
 
-use std::cell::Cell;
 use std::path::Path;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_interrupt, kvm_run, kvm_userspace_memory_region, KVMIO};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -162,16 +163,22 @@ pub fn inject_interrupt(vcpu: &VcpuFd, vector: u8) -> Result<(), VstateError> {
 }
 
 thread_local! {
-    /// The `kvm_run` page of the vCPU running on this thread, for the kick signal handler.
-    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// The `kvm_run` structure of the vCPU armed on this thread, for the kick signal handler;
+    /// null when none is armed. Set by [`KickArm::arm_raw`] and cleared when its guard is
+    /// dropped, both on this thread. An atomic, so that the handler (which interrupts this
+    /// same thread) never sees a torn or reordered value; `const`-initialized without a
+    /// destructor, so reading it from a signal handler allocates nothing and cannot panic.
+    static KVM_RUN_PTR: AtomicPtr<kvm_run> = const { AtomicPtr::new(std::ptr::null_mut()) };
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     KVM_RUN_PTR.with(|p| {
-        let run = p.get();
+        let run = p.load(Ordering::SeqCst);
         if !run.is_null() {
-            // SAFETY: the pointer was set by `VcpuKick::arm` on this thread to the vCPU's
-            // mmapped `kvm_run`, which stays mapped until `disarm`; a byte store is
+            // SAFETY: the pointer is non-null only while the `KickArm` that stored it on this
+            // thread is alive, and `KickArm::arm_raw`'s contract is that the structure stays
+            // valid for writes until that guard is dropped (the machine drops the guard
+            // before the vCPU whose drop unmaps it). A volatile byte store is
             // async-signal-safe. Setting `immediate_exit` makes a KVM_RUN that is about to
             // start return EINTR at once, closing the race with a signal that arrives just
             // before the ioctl.
@@ -185,35 +192,111 @@ pub fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-/// Kicks the vCPU thread it was made on out of `KVM_RUN`, from any thread.
-#[derive(Debug, Clone, Copy)]
+/// The calling thread's kernel thread id.
+fn current_tid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
+}
+
+/// Kicks an armed vCPU thread out of `KVM_RUN`, from any thread; once the vCPU is disarmed
+/// (its [`KickArm`] dropped) a kick does nothing. Cheap to clone.
+#[derive(Debug, Clone)]
 pub struct VcpuKick {
-    thread: libc::pthread_t,
+    /// The vCPU thread's kernel thread id while armed, `None` once disarmed. Kicks send
+    /// their signal while holding the lock, so after the disarm has taken it none is sent.
+    target: Arc<Mutex<Option<libc::pid_t>>>,
 }
 
 impl VcpuKick {
+    /// Interrupts the vCPU's `KVM_RUN` (or the next one it enters). Returns whether a signal
+    /// was sent: `false` once the vCPU is disarmed.
+    pub fn kick(&self) -> bool {
+        let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tid) = *target else {
+            return false;
+        };
+        // SAFETY: tgkill only sends a signal, naming the thread by process and thread id:
+        // unlike pthread_kill it is defined for a thread that is gone (ESRCH). While armed
+        // the thread is the vCPU's, which has the kick handler installed; were the guard
+        // leaked and the id reused, the handler on that other thread of this process finds
+        // its own slot, null or its own live vCPU, and no harm is done.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                libc::c_long::from(tid),
+                libc::c_long::from(kick_signal()),
+            )
+        };
+        r == 0
+    }
+}
+
+/// The vCPU thread's side of the kick: while it lives, kicks reach this thread and set
+/// `immediate_exit` in the armed `kvm_run`; dropping it disarms both, so that no signal is
+/// sent and no byte written afterwards. Not `Send`: it must be dropped on the thread that
+/// armed it (it clears that thread's slot).
+#[derive(Debug)]
+pub struct KickArm {
+    kick: VcpuKick,
+    /// The armed structure (a raw pointer, which also keeps this type `!Send`).
+    run: *mut kvm_run,
+}
+
+impl KickArm {
     /// Installs the kick handler and arms it for `vcpu` on the calling thread, which must be
-    /// the thread that runs the vCPU.
-    pub fn arm(vcpu: &mut VcpuFd) -> Result<Self, VstateError> {
+    /// the thread that runs the vCPU. At most one vCPU is armed per thread.
+    ///
+    /// # Safety
+    ///
+    /// The returned guard must be dropped before `vcpu` is (the vCPU's drop unmaps its
+    /// `kvm_run`), and must not be leaked while the vCPU can be dropped.
+    pub unsafe fn arm(vcpu: &mut VcpuFd) -> Result<Self, VstateError> {
+        let run: *mut kvm_run = vcpu.get_kvm_run();
+        // SAFETY: the caller keeps `vcpu`, and so its mapped `kvm_run`, alive for as long as
+        // the guard.
+        unsafe { Self::arm_raw(run) }
+    }
+
+    /// [`KickArm::arm`] for any `kvm_run` structure.
+    ///
+    /// # Safety
+    ///
+    /// `run` must point to a `kvm_run` that stays valid for writes until the returned guard
+    /// is dropped, and the guard must not be leaked.
+    pub unsafe fn arm_raw(run: *mut kvm_run) -> Result<Self, VstateError> {
         register_signal_handler(kick_signal(), kick_handler)
             .map_err(ioctl_err("install kick signal handler"))?;
-        let run: *mut kvm_run = vcpu.get_kvm_run();
-        KVM_RUN_PTR.with(|p| p.set(run));
-        // SAFETY: pthread_self has no preconditions.
-        let thread = unsafe { libc::pthread_self() };
-        Ok(VcpuKick { thread })
+        KVM_RUN_PTR.with(|p| p.store(run, Ordering::SeqCst));
+        Ok(KickArm {
+            kick: VcpuKick {
+                target: Arc::new(Mutex::new(Some(current_tid()))),
+            },
+            run,
+        })
     }
 
-    /// Disarms the handler on the calling thread (the vCPU's), before the vCPU is dropped.
-    pub fn disarm() {
-        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    /// A handle other threads kick this vCPU with.
+    pub fn kicker(&self) -> VcpuKick {
+        self.kick.clone()
     }
+}
 
-    /// Interrupts the vCPU's `KVM_RUN` (or the next one it enters).
-    pub fn kick(&self) {
-        // SAFETY: `thread` is the vCPU thread, which outlives every kicker (the machine joins
-        // helper threads before it exits); the signal has a handler installed.
-        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+impl Drop for KickArm {
+    fn drop(&mut self) {
+        // First no new signal, then no write: a signal already sent and delivered before the
+        // slot is cleared writes into a structure that is still valid (the caller of `arm`
+        // drops the vCPU only after this guard).
+        *self.kick.target.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        KVM_RUN_PTR.with(|p| {
+            // Only our own arming: another guard armed later on this thread stays armed.
+            let _ = p.compare_exchange(
+                self.run,
+                std::ptr::null_mut(),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        });
     }
 }
 
@@ -254,5 +337,104 @@ pub fn pio_exit(vcpu: &mut VcpuFd) -> PioExit<'_> {
         size: usize::from(io.size),
         is_in: u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN,
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A `kvm_run` that outlives every guard of a test, so that the test can look at what a
+    /// kick wrote (or did not write) after its owner is gone.
+    fn leaked_run() -> *mut kvm_run {
+        Box::into_raw(Box::<kvm_run>::default())
+    }
+
+    fn immediate_exit(run: *mut kvm_run) -> u8 {
+        // SAFETY: `run` comes from `leaked_run` and is never freed.
+        unsafe { std::ptr::read_volatile(&(*run).immediate_exit) }
+    }
+
+    fn clear(run: *mut kvm_run) {
+        // SAFETY: as above; no handler writes concurrently (kicks target this thread only
+        // when it is armed, and the signal is delivered before tgkill returns to it).
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 0) };
+    }
+
+    /// Stands for the machine: the guard is its first field, dropped before the vCPU.
+    struct Owner {
+        arm: KickArm,
+    }
+
+    #[test]
+    fn a_kick_after_the_owner_is_dropped_is_a_no_op() {
+        let run = leaked_run();
+        // SAFETY: `run` is never freed, and the guard is dropped (with `owner`) below.
+        let owner = Owner {
+            arm: unsafe { KickArm::arm_raw(run) }.unwrap(),
+        };
+        let kick = owner.arm.kicker();
+        // A signal to the calling thread is delivered before the system call returns.
+        assert!(kick.kick());
+        assert_eq!(immediate_exit(run), 1, "an armed kick sets immediate_exit");
+        clear(run);
+        drop(owner);
+        assert!(!kick.kick(), "no signal after the owner is gone");
+        assert!(!kick.clone().kick());
+        assert_eq!(immediate_exit(run), 0, "no write after the owner is gone");
+        // A signal that arrives anyway (sent before the disarm, delivered late) writes nothing.
+        // SAFETY: raise only sends the (handled) kick signal to this thread.
+        unsafe { libc::raise(kick_signal()) };
+        assert_eq!(immediate_exit(run), 0);
+    }
+
+    #[test]
+    fn kicks_reach_the_armed_thread_until_it_drops_its_owner_and_ends() {
+        let run = leaked_run() as usize;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let vcpu_thread = std::thread::spawn(move || {
+            let run = run as *mut kvm_run;
+            // SAFETY: `run` is never freed; the guard is dropped on this thread below.
+            let owner = Owner {
+                arm: unsafe { KickArm::arm_raw(run) }.unwrap(),
+            };
+            tx.send(owner.arm.kicker()).unwrap();
+            // Wait (as KVM_RUN would) until a kick from the other thread lands.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while immediate_exit(run) == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let kicked = immediate_exit(run) == 1;
+            clear(run);
+            drop(owner);
+            done_rx.recv().unwrap();
+            kicked
+        });
+        let kick = rx.recv().unwrap();
+        assert!(kick.kick());
+        done_tx.send(()).unwrap();
+        assert!(
+            vcpu_thread.join().unwrap(),
+            "the kick reached the vCPU thread"
+        );
+        // The vCPU thread is gone: kicking it now must neither signal nor write.
+        assert!(!kick.kick());
+        assert_eq!(immediate_exit(run as *mut kvm_run), 0);
+    }
+
+    #[test]
+    fn dropping_an_older_guard_leaves_a_newer_one_armed() {
+        let (a, b) = (leaked_run(), leaked_run());
+        // SAFETY: both structures are never freed and both guards are dropped below.
+        let first = unsafe { KickArm::arm_raw(a) }.unwrap();
+        // SAFETY: as above.
+        let second = unsafe { KickArm::arm_raw(b) }.unwrap();
+        let kick = second.kicker();
+        drop(first);
+        assert!(kick.kick());
+        assert_eq!((immediate_exit(a), immediate_exit(b)), (0, 1));
+        drop(second);
     }
 }

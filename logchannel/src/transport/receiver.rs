@@ -206,9 +206,10 @@ impl LogListener {
         >;
         enum Event {
             Accepted(std::io::Result<(TcpStream, SocketAddr)>),
+            // Boxed: a finished handshake is rare, an accepted connection common.
             Done(
                 SocketAddr,
-                Result<(TcpStream, LogHeader, FrameDecoder), Failure>,
+                Box<Result<(TcpStream, LogHeader, FrameDecoder), Failure>>,
             ),
         }
         let check = &check;
@@ -220,7 +221,7 @@ impl LogListener {
                     for i in 0..pending.len() {
                         if let Poll::Ready((peer, r)) = pending[i].as_mut().poll(cx) {
                             drop(pending.swap_remove(i));
-                            return Poll::Ready(Event::Done(peer, r));
+                            return Poll::Ready(Event::Done(peer, Box::new(r)));
                         }
                     }
                     if pending.len() < MAX_PENDING_HANDSHAKES {
@@ -255,13 +256,15 @@ impl LogListener {
                         warn!(addr = %self.addr, error = %e, "log channel: accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    Event::Done(peer, Ok((stream, header, dec))) => {
-                        return Ok::<_, TransportError>((stream, peer, header, dec));
-                    }
-                    Event::Done(_, Err(f)) if f.reason == RejectReason::HeaderRefused => {
-                        return Err(f.error);
-                    }
-                    Event::Done(peer, Err(f)) => self.reject(peer, f),
+                    Event::Done(peer, done) => match *done {
+                        Ok((stream, header, dec)) => {
+                            return Ok::<_, TransportError>((stream, peer, header, dec));
+                        }
+                        Err(f) if f.reason == RejectReason::HeaderRefused => {
+                            return Err(f.error);
+                        }
+                        Err(f) => self.reject(peer, f),
+                    },
                 }
             }
         })?;

@@ -182,9 +182,16 @@ impl Net {
     }
 
     /// Writes `frame`, preceded by a `virtio_net_hdr_v1` (no offloads, `num_buffers` 1), into
-    /// the next available receive chain, through `mem` (the guest memory the device was
-    /// activated with) so its dirty bitmap records the pages. Chains that turn out malformed
-    /// are returned to the guest with length 0 and the next one is tried.
+    /// the next well-formed available receive chain, through `mem` (the guest memory the
+    /// device was activated with) so its dirty bitmap records the pages. Malformed chains
+    /// met before that one are returned to the guest with length 0 as part of the delivery.
+    ///
+    /// Only [`RxResult::Delivered`] changes anything the guest can see (guest memory, the
+    /// used ring, the interrupt status): that outcome is what the primary logs and the backup
+    /// replays, with the same frame against the same guest memory, so both make the same
+    /// change. Any other outcome leaves the queue exactly as it was, because the backup never
+    /// sees a frame that was not delivered. Malformed chains that no delivery passes over are
+    /// returned when the guest notifies the receive queue (see [`Net::notify`]).
     ///
     /// Call only at a delivery point. On `Err` the frame cannot be delivered and should be
     /// dropped; on [`RxResult::NoBuffer`] it should be kept and retried.
@@ -200,57 +207,106 @@ impl Net {
         };
         let need = NET_HDR_LEN + frame.len();
         let queue_size = a.rx.size();
-        let mut returned_bad = false;
-        let result = loop {
-            let chain = match a.rx.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => break Err(NetError::Queue(e.to_string())),
-            };
-            let Some(chain) = chain else {
-                break Ok(RxResult::NoBuffer);
-            };
-            let head = chain.head_index();
-            let buffers =
-                match chain::walk(mem, chain, queue_size, Direction::DeviceWrites, usize::MAX) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!("virtio-net rx: {e}; chain returned unused");
-                        self.counters.rx_bad_chains += 1;
-                        if !matches!(e, ChainError::BadHead { .. }) {
-                            put_used(&mut a.rx, mem, head, 0, "rx");
+        // Look ahead without committing: walking a chain only reads guest memory, and the
+        // available index is put back unless the frame is delivered.
+        let start = a.rx.next_avail();
+        let mut skipped = Vec::new();
+        let found = match a.rx.iter(mem) {
+            Ok(it) => {
+                let mut found = None;
+                // One pass reads the available index once, so this ends within one queue.
+                for chain in it {
+                    let head = chain.head_index();
+                    match chain::walk(mem, chain, queue_size, Direction::DeviceWrites, usize::MAX) {
+                        Ok(buffers) => {
+                            found = Some((head, buffers));
+                            break;
                         }
-                        returned_bad = true;
-                        // Each pass consumes one available entry, so this ends within one queue.
-                        continue;
+                        Err(e) => skipped.push((head, e)),
                     }
-                };
-            let have: usize = buffers.iter().map(|b| b.len as usize).sum();
-            if have < need {
-                // Leave the chain available for a smaller frame.
-                a.rx.set_next_avail(a.rx.next_avail().wrapping_sub(1));
-                break Err(NetError::RxBufferTooSmall { need, have });
-            }
-            let mut hdr = [0u8; NET_HDR_LEN];
-            // num_buffers (the last field) is 1 without VIRTIO_NET_F_MRG_RXBUF.
-            hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
-            match scatter(mem, &buffers, &[&hdr, frame]) {
-                Ok(()) => {
-                    put_used(&mut a.rx, mem, head, need as u32, "rx");
-                    self.counters.rx_frames += 1;
-                    break Ok(RxResult::Delivered);
                 }
-                Err(e) => {
-                    put_used(&mut a.rx, mem, head, 0, "rx");
-                    returned_bad = true;
-                    break Err(e.into());
-                }
+                found
             }
+            Err(e) => return Err(NetError::Queue(e.to_string())),
         };
-        let used = returned_bad || matches!(result, Ok(RxResult::Delivered));
-        if used && wants_interrupt(&a.rx, mem) {
+        let Some((head, buffers)) = found else {
+            a.rx.set_next_avail(start);
+            return Ok(RxResult::NoBuffer);
+        };
+        let have: usize = buffers.iter().map(|b| b.len as usize).sum();
+        if have < need {
+            // Leave every chain available (a smaller frame may fit).
+            a.rx.set_next_avail(start);
+            return Err(NetError::RxBufferTooSmall { need, have });
+        }
+        let mut hdr = [0u8; NET_HDR_LEN];
+        // num_buffers (the last field) is 1 without VIRTIO_NET_F_MRG_RXBUF.
+        hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
+        // `walk` checked that every buffer lies in guest memory and the vCPU is not running,
+        // so this cannot fail; if it did, nothing is returned to the guest.
+        if let Err(e) = scatter(mem, &buffers, &[&hdr, frame]) {
+            a.rx.set_next_avail(start);
+            return Err(e.into());
+        }
+        for (bad, e) in skipped {
+            tracing::warn!("virtio-net rx: {e}; chain returned unused");
+            self.counters.rx_bad_chains += 1;
+            if !matches!(e, ChainError::BadHead { .. }) {
+                put_used(&mut a.rx, mem, bad, 0, "rx");
+            }
+        }
+        put_used(&mut a.rx, mem, head, need as u32, "rx");
+        self.counters.rx_frames += 1;
+        if wants_interrupt(&a.rx, mem) {
             a.interrupt.signal_used();
         }
-        result
+        Ok(RxResult::Delivered)
+    }
+
+    /// Returns the malformed chains at the head of the receive queue to the guest (length
+    /// 0), up to the first well-formed one, which stays available. Runs on the guest's own
+    /// notify of the receive queue, a synchronous exit that the primary and the backup
+    /// execute at the same position with the same guest memory, so a chain the guest got
+    /// wrong is handed back identically on both sides and never blocks the queue for good.
+    fn return_bad_rx_chains(&mut self) {
+        let Some(a) = &mut self.active else {
+            return;
+        };
+        let mem = &a.mem;
+        let queue_size = a.rx.size();
+        let start = a.rx.next_avail();
+        let mut bad = Vec::new();
+        match a.rx.iter(mem) {
+            Ok(it) => {
+                for chain in it {
+                    let head = chain.head_index();
+                    match chain::walk(mem, chain, queue_size, Direction::DeviceWrites, usize::MAX) {
+                        Ok(_) => break,
+                        Err(e) => bad.push((head, e)),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("virtio-net rx: {e}");
+                return;
+            }
+        }
+        // Consume exactly the malformed chains: the well-formed one that stopped the walk
+        // (if any) stays available.
+        a.rx.set_next_avail(start.wrapping_add(bad.len() as u16));
+        if bad.is_empty() {
+            return;
+        }
+        for (head, e) in bad {
+            tracing::warn!("virtio-net rx: {e}; chain returned unused");
+            self.counters.rx_bad_chains += 1;
+            if !matches!(e, ChainError::BadHead { .. }) {
+                put_used(&mut a.rx, mem, head, 0, "rx");
+            }
+        }
+        if wants_interrupt(&a.rx, mem) {
+            a.interrupt.signal_used();
+        }
     }
 
     /// Takes every available chain off the transmit queue: gathers each frame, returns the
@@ -420,8 +476,9 @@ impl VirtioDevice for Net {
     fn notify(&mut self, queue_index: usize) {
         match queue_index {
             TX_QUEUE => self.process_tx(),
-            // New receive buffers: the owner asks `rx_ready` at its next delivery point.
-            RX_QUEUE => {}
+            // New receive buffers: malformed ones at the head go back now; the owner asks
+            // `rx_ready` at its next delivery point.
+            RX_QUEUE => self.return_bad_rx_chains(),
             _ => tracing::warn!("virtio-net: notify of absent queue {queue_index}"),
         }
     }
@@ -756,15 +813,160 @@ mod tests {
         assert_eq!(d.used_elem(RX, 4), (4, 312));
         assert_eq!(d.get(good + NET_HDR_LEN as u64, f.len()), f);
         assert!(t.take_irq());
-        // Only bad chains: all returned, then NoBuffer.
+        // Only bad chains: a frame changes nothing; the guest's notify returns them.
         d.set_desc(RX, 5, 1 << 40, 2048, F_WRITE, 0);
         d.offer(RX, 5);
         assert_eq!(
             t.device_mut().deliver_rx(&mem, &f).unwrap(),
             RxResult::NoBuffer
         );
+        assert_eq!(d.used_idx(RX), 5);
+        assert!(!t.take_irq());
+        w32(&mut t, reg::QUEUE_NOTIFY, RX as u32);
         assert_eq!(d.used_idx(RX), 6);
+        assert_eq!(d.used_elem(RX, 5), (5, 0));
         assert!(t.take_irq(), "the returned chain is signalled");
+    }
+
+    /// The guest-visible state of a card: its receive used ring (index and every element),
+    /// its interrupt status, and the bytes of every receive buffer area.
+    fn visible_rx_state(t: &mut MmioTransport<Net>, d: &Driver) -> Vec<u8> {
+        let mut v = d.get(Driver::used_ring(RX), 4 + 8 * usize::from(QSIZE));
+        v.extend(r32(t, reg::INTERRUPT_STATUS).to_le_bytes());
+        v.extend(d.get(BUF_BASE, 0x4000));
+        v.extend(d.get(BUF_BASE + 0x80_0000, 0x1_0000 * 4));
+        v
+    }
+
+    #[test]
+    fn a_frame_that_is_not_delivered_changes_nothing_the_guest_sees() {
+        let (mut t, mut d) = up();
+        let mem = d.mem.clone();
+        // Malformed chains only (posted without a notify): the frame is refused and nothing
+        // is consumed or signalled.
+        d.set_desc(RX, 0, 1 << 40, 2048, F_WRITE, 0);
+        d.set_desc(RX, 1, BUF_BASE, 2048, 0, 0);
+        d.offer(RX, 0);
+        d.offer(RX, 1);
+        let before = visible_rx_state(&mut t, &d);
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(60)).unwrap(),
+            RxResult::NoBuffer
+        );
+        assert!(!t.take_irq());
+        assert_eq!(visible_rx_state(&mut t, &d), before);
+        // Malformed chains then one too small for the frame: still nothing.
+        offer_rx(&mut d, 2, 64);
+        let before = visible_rx_state(&mut t, &d);
+        assert!(matches!(
+            t.device_mut().deliver_rx(&mem, &frame(200)),
+            Err(NetError::RxBufferTooSmall { .. })
+        ));
+        assert!(!t.take_irq());
+        assert_eq!(visible_rx_state(&mut t, &d), before);
+        assert_eq!(t.device().counters().rx_bad_chains, 0);
+        // A frame that fits is delivered past the malformed chains, which go back with it.
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &frame(40)).unwrap(),
+            RxResult::Delivered
+        );
+        assert_eq!(d.used_idx(RX), 3);
+        assert_eq!(d.used_elem(RX, 0), (0, 0));
+        assert_eq!(d.used_elem(RX, 1), (1, 0));
+        assert_eq!(d.used_elem(RX, 2), (2, 52));
+        assert!(t.take_irq());
+    }
+
+    #[test]
+    fn the_rx_notify_returns_malformed_chains_at_the_head_only() {
+        let (mut t, mut d) = up();
+        let mem = d.mem.clone();
+        d.set_desc(RX, 0, 1 << 40, 2048, F_WRITE, 0);
+        d.set_desc(RX, 1, BUF_BASE, 2048, F_WRITE | F_NEXT, 1);
+        d.offer(RX, 0);
+        d.offer(RX, 1);
+        let good = offer_rx(&mut d, 2, 2048);
+        d.set_desc(RX, 3, 1 << 40, 2048, F_WRITE, 0);
+        d.offer(RX, 3);
+        w32(&mut t, reg::QUEUE_NOTIFY, RX as u32);
+        // 0 and 1 are back; 2 (good) and 3 (behind it) stay available.
+        assert_eq!(d.used_idx(RX), 2);
+        assert_eq!(d.used_elem(RX, 0), (0, 0));
+        assert_eq!(d.used_elem(RX, 1), (1, 0));
+        assert!(t.take_irq());
+        assert_eq!(t.device().counters().rx_bad_chains, 2);
+        assert!(t.device().rx_ready());
+        // A notify with a good chain at the head changes nothing.
+        w32(&mut t, reg::INTERRUPT_ACK, INT_USED_RING);
+        w32(&mut t, reg::QUEUE_NOTIFY, RX as u32);
+        assert_eq!(d.used_idx(RX), 2);
+        assert!(!t.take_irq());
+        let f = frame(100);
+        assert_eq!(
+            t.device_mut().deliver_rx(&mem, &f).unwrap(),
+            RxResult::Delivered
+        );
+        assert_eq!(d.used_elem(RX, 2), (2, 112));
+        assert_eq!(d.get(good + NET_HDR_LEN as u64, f.len()), f);
+        // The malformed chain behind it goes back at the next notify.
+        w32(&mut t, reg::QUEUE_NOTIFY, RX as u32);
+        assert_eq!(d.used_idx(RX), 4);
+        assert_eq!(d.used_elem(RX, 3), (3, 0));
+        assert!(!t.device().rx_ready());
+    }
+
+    /// The same guest on two cards (a primary and a backup replaying it): the primary also
+    /// receives frames that its malformed or small buffers cannot take, which are never
+    /// logged, so the backup never sees them. What the guest sees must stay identical.
+    #[test]
+    fn undelivered_frames_on_the_primary_do_not_make_the_backup_diverge() {
+        let (mut tp, mut dp) = up();
+        let (mut tb, mut db) = up();
+        let (mp, mb) = (dp.mem.clone(), db.mem.clone());
+        // The guest's actions, applied to both sides at the same positions.
+        type Step = fn(&mut MmioTransport<Net>, &mut Driver);
+        let guest: [Step; 4] = [
+            |_, d| {
+                d.set_desc(RX, 0, 1 << 40, 2048, F_WRITE, 0);
+                d.offer(RX, 0);
+            },
+            |_, d| {
+                offer_rx(d, 1, 100);
+            },
+            |t, _| w32(t, reg::QUEUE_NOTIFY, RX as u32),
+            |_, d| {
+                d.set_desc(RX, 2, BUF_BASE, 64, F_WRITE | F_NEXT, 2);
+                d.offer(RX, 2);
+            },
+        ];
+        for step in guest {
+            step(&mut tp, &mut dp);
+            step(&mut tb, &mut db);
+            // Frames only the primary's host received, none of them delivered.
+            for len in [200, 500, 1500] {
+                let r = tp.device_mut().deliver_rx(&mp, &frame(len));
+                assert!(!matches!(r, Ok(RxResult::Delivered)), "{r:?}");
+            }
+            assert_eq!(tp.take_irq(), tb.take_irq());
+            assert_eq!(
+                visible_rx_state(&mut tp, &dp),
+                visible_rx_state(&mut tb, &db)
+            );
+        }
+        // A logged frame: both deliver it the same way.
+        let f = frame(70);
+        for (t, m) in [(&mut tp, &mp), (&mut tb, &mb)] {
+            assert_eq!(
+                t.device_mut().deliver_rx(m, &f).unwrap(),
+                RxResult::Delivered
+            );
+        }
+        assert_eq!(tp.take_irq(), tb.take_irq());
+        assert_eq!(
+            visible_rx_state(&mut tp, &dp),
+            visible_rx_state(&mut tb, &db)
+        );
+        assert_eq!(dp.used_idx(RX), 2);
     }
 
     #[test]
