@@ -13,7 +13,11 @@ fn the_mixed_workload_replays_exactly_on_the_chosen_cpu_and_pinned() {
         .expect("the mixed workload");
     let r = soak_one(&w, &scratch(), 2);
     assert!(r.record_error.is_none(), "{:?}", r.record_error);
-    assert!(r.digests >= 10, "too few digests to check anything: {}", r.digests);
+    assert!(
+        r.digests >= 10,
+        "too few digests to check anything: {}",
+        r.digests
+    );
     for x in &r.replays {
         assert!(x.matched, "replay ({}) did not match: {}", x.how, x.why);
     }

@@ -688,7 +688,13 @@ impl Machine {
                 finished = self.digest_now(pos);
             }
             if finished.is_ok() {
-                finished = self.mode.end(pos, reason).map_err(MachineError::from);
+                // A dead channel here settles failover like any other peer loss.
+                finished = self.rr(|m| m.end(pos, reason.clone()));
+            }
+            // A live primary's guest is done: everything it produced waits for the backup's
+            // acks, and a backup lost meanwhile is settled through the arbiter too.
+            if finished.is_ok() && result.is_ok() {
+                finished = self.rr(|m| m.drain());
             }
         }
         let state = match &result {
@@ -698,15 +704,17 @@ impl Machine {
         };
         self.write_status_now(pos, &state);
         let bytes = match std::mem::replace(&mut self.mode, Mode::Live) {
-            Mode::Record(r) => r.finish()?,
+            Mode::Record(r) => r.finish(),
             other => {
                 self.mode = other;
-                0
+                Ok(0)
             }
         };
+        // How the guest ended comes first: a side halted by the arbiter must say so, not
+        // report the dead channel its recorder could not finish on.
         let outcome = result?;
         finished?;
-        Ok((outcome, bytes))
+        Ok((outcome, bytes?))
     }
 
     fn run_loop(&mut self) -> Result<RunOutcome, MachineError> {
@@ -988,17 +996,19 @@ impl Machine {
             return Ok(());
         };
         nic.poll_tap();
-        while let Some(frame) = nic.next_rx() {
+        loop {
+            let Some(nic) = &mut self.nic else {
+                break;
+            };
+            let Some(frame) = nic.next_rx() else {
+                break;
+            };
             match nic.transport.device_mut().deliver_rx(&self.mem, &frame) {
                 Ok(crate::devices::virtio::net::RxResult::Delivered) => {
-                    self.mode.net_rx(pos, &frame).or_else(|e| {
-                        if self.mode.is_peer_loss(&e) {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })?;
-                    // (A lost backup is noticed by the next hook that talks to it.)
+                    // A frame whose entry cannot reach the backup settles failover here,
+                    // before the guest runs on it: output that depends on it is released
+                    // only if this side goes on alone.
+                    self.rr(|m| m.net_rx(pos, &frame))?;
                 }
                 Ok(other) => {
                     tracing::debug!("received frame dropped: {other:?}");
@@ -1006,8 +1016,10 @@ impl Machine {
                 Err(e) => tracing::warn!("received frame of {} bytes dropped: {e}", frame.len()),
             }
         }
-        if nic.transport.take_irq() {
-            self.devices.pic.pulse(crate::nic::NIC_IRQ);
+        if let Some(nic) = &mut self.nic {
+            if nic.transport.take_irq() {
+                self.devices.pic.pulse(crate::nic::NIC_IRQ);
+            }
         }
         Ok(())
     }

@@ -357,6 +357,23 @@ impl Replayer {
                         return Err(RrError::Interrupted);
                     }
                     match rx.recv_timeout(Duration::from_millis(100)) {
+                        // The primary's VMM failed (a host-side error, not the guest's
+                        // doing): for this backup that is the loss of its primary, settled
+                        // through the arbiter, never a divergence.
+                        Ok(Some(Entry::End {
+                            reason: EndReason::Error(msg),
+                            pos: at,
+                        })) => {
+                            self.last_received_pos = at.get();
+                            self.index += 1;
+                            return Err(RrError::PeerLost {
+                                pos,
+                                reason: format!(
+                                    "the primary's VMM failed at position {}: {msg}",
+                                    at.get()
+                                ),
+                            });
+                        }
                         Ok(Some(e)) => {
                             self.last_received_pos = e.pos().get();
                             self.next = Some(e);
@@ -559,6 +576,18 @@ impl Mode {
             },
             _ => Ok(()),
         }
+    }
+
+    /// A live primary whose guest has ended: waits until the backup has acknowledged every
+    /// entry (an `Err` if the channel fails first: a peer loss).
+    pub fn drain(&mut self) -> Result<(), RrError> {
+        if let Mode::Record(r) = self {
+            if let Sink::Net(s) = &r.sink {
+                let last = s.sent_seq();
+                while !s.wait_acked_seq(last, Duration::from_secs(1))? {}
+            }
+        }
+        Ok(())
     }
 
     /// The machine has reached `pos`: a live backup tells its primary in the next ack.
