@@ -996,11 +996,8 @@ impl Machine {
             return Ok(());
         };
         nic.poll_tap();
-        loop {
+        while let Some(frame) = self.nic.as_mut().and_then(|n| n.next_rx()) {
             let Some(nic) = &mut self.nic else {
-                break;
-            };
-            let Some(frame) = nic.next_rx() else {
                 break;
             };
             match nic.transport.device_mut().deliver_rx(&self.mem, &frame) {
