@@ -81,7 +81,7 @@ pub struct VmConfig {
     pub corrupt_at: Option<u64>,
     /// Keep the bytes of every page hashed at each of the last N digests in this directory
     /// (see [`crate::trail`]).
-    pub page_trail: Option<(PathBuf, usize)>,
+    pub page_trail: Option<(PathBuf, usize, Option<u64>)>,
 }
 
 /// Told of every role change of the machine (`primary`, `live-after-failover`, `alone`,
@@ -426,6 +426,52 @@ impl Devices {
     }
 }
 
+/// A live backup's output that its primary may not have released yet (DESIGN.md: output at
+/// failover): console bytes and transmitted frames its replay produced, from the primary's
+/// last reported release point on. Going live, the backup emits all of it: output is then
+/// at least once, never lost, and duplicated at most by what the primary released in the
+/// last round trip before it died.
+#[derive(Debug, Default)]
+struct ReplayedOutput {
+    console: VecDeque<u8>,
+    /// Offset in the guest's console stream of `console[0]`.
+    console_base: u64,
+    /// Frames, and the number of frames before the first one.
+    frames: SharedFrames,
+}
+
+/// Transmitted frames kept by a live backup, and how many came before the first one.
+type SharedFrames = Arc<std::sync::Mutex<(VecDeque<Vec<u8>>, u64)>>;
+
+impl ReplayedOutput {
+    /// Drops what the primary has released (`console` bytes, `frames` frames in all).
+    fn trim(&mut self, console: u64, frames: u64) {
+        let n = console
+            .saturating_sub(self.console_base)
+            .min(self.console.len() as u64);
+        self.console.drain(..n as usize);
+        self.console_base += n;
+        let mut f = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let (q, base) = &mut *f;
+        let n = frames.saturating_sub(*base).min(q.len() as u64);
+        q.drain(..n as usize);
+        *base += n;
+    }
+}
+
+/// A live backup's transmitted frames, kept for [`ReplayedOutput`].
+struct KeepFrames(SharedFrames);
+
+impl crate::nic::FrameSink for KeepFrames {
+    fn frame(&mut self, frame: Vec<u8>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .push_back(frame);
+    }
+}
+
 /// A handle other threads use to stop the vCPU loop.
 #[derive(Debug, Clone)]
 pub struct MachineHandle {
@@ -499,6 +545,8 @@ pub struct Machine {
     corrupt_at: Option<u64>,
     /// Keeps the bytes behind the last digests (`--page-trail`).
     trail: Option<crate::trail::TrailWriter>,
+    /// A live backup's output not yet known to be released by its primary.
+    replayed_output: Option<ReplayedOutput>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -561,7 +609,7 @@ impl Machine {
             }
             None => None,
         };
-        Ok(Machine {
+        let mut machine = Machine {
             _kick_arm: kick_arm,
             vcpu,
             vm,
@@ -594,9 +642,10 @@ impl Machine {
             role_listener: None,
             divergence: None,
             corrupt_at: cfg.corrupt_at,
+            replayed_output: None,
             trail: match &cfg.page_trail {
-                Some((dir, keep)) => Some(
-                    crate::trail::TrailWriter::new(dir, *keep)
+                Some((dir, keep, from)) => Some(
+                    crate::trail::TrailWriter::new(dir, *keep, *from)
                         .map_err(|e| MachineError::Trail(e.to_string()))?,
                 ),
                 None => None,
@@ -604,7 +653,15 @@ impl Machine {
             status_file: cfg.status_file.clone(),
             role: cfg.role.clone(),
             status_written: None,
-        })
+        };
+        if machine.mode.primary_released().is_some() {
+            let out = ReplayedOutput::default();
+            if let Some(nic) = &mut machine.nic {
+                nic.set_frame_sink(Box::new(KeepFrames(out.frames.clone())));
+            }
+            machine.replayed_output = Some(out);
+        }
+        Ok(machine)
     }
 
     /// A handle to stop the loop or feed it console input from other threads.
@@ -961,6 +1018,11 @@ impl Machine {
             "twinvm: won {what} after {:.0?}; going on alone at position {pos}",
             t0.elapsed()
         );
+        // What the primary last said it had released, before the channel is let go.
+        if let (Some(out), Some((c, f))) = (&mut self.replayed_output, self.mode.primary_released())
+        {
+            out.trim(c, f);
+        }
         self.mode = Mode::Live;
         if backup {
             self.go_live()?;
@@ -987,7 +1049,42 @@ impl Machine {
                 .map_err(|e| crate::nic::NicError::Transport(format!("TAP watcher: {e}")))?;
             nic.announce();
         }
+        self.emit_unreleased_output();
         Ok(())
+    }
+
+    /// A backup that just went live emits what its replay produced after the point its
+    /// primary last said it had released (see [`ReplayedOutput`]).
+    fn emit_unreleased_output(&mut self) {
+        let Some(mut out) = self.replayed_output.take() else {
+            return;
+        };
+        let console: Vec<u8> = out.console.drain(..).collect();
+        let frames: Vec<Vec<u8>> = out
+            .frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .drain(..)
+            .collect();
+        eprintln!(
+            "twinvm: going live: emitting {} console bytes and {} frames the primary had not released (from console byte {})",
+            console.len(),
+            frames.len(),
+            out.console_base
+        );
+        if !console.is_empty() {
+            if let Err(e) = self
+                .console_out
+                .write_all(&console)
+                .and_then(|()| self.console_out.flush())
+            {
+                tracing::debug!("console output dropped: {e}");
+            }
+        }
+        if let Some(nic) = &mut self.nic {
+            nic.send_frames(frames);
+        }
     }
 
     /// Gives the guest the frames its card has room for (live and recording).
@@ -1063,6 +1160,9 @@ impl Machine {
             self.console_hash =
                 hash_bytes(&[&self.console_hash.to_le_bytes()[..], &bytes].concat());
             self.console_bytes += bytes.len() as u64;
+            if let Some(out) = &mut self.replayed_output {
+                out.console.extend(&bytes);
+            }
             if let Err(e) = self
                 .console_out
                 .write_all(&bytes)
@@ -1110,6 +1210,10 @@ impl Machine {
             self.corrupt_guest_memory(pos);
         }
         self.mode.progress(pos);
+        if let (Some(out), Some((c, f))) = (&mut self.replayed_output, self.mode.primary_released())
+        {
+            out.trim(c, f);
+        }
         self.rr(|m| m.check_peer())?;
         if self.digest_interval > 0 && pos > 0 && pos % self.digest_interval == 0 {
             self.digest_now(pos)?;
@@ -1316,7 +1420,8 @@ impl Machine {
         let mut pages = 0u64;
         let trail = &mut self.trail;
         let r = self.mode.digest(pos, || {
-            let (d, snap) = state_digest(vcpu, vm, mem, pos, &console, trail.is_some())?;
+            let keep = trail.as_ref().is_some_and(|t| t.wants(pos));
+            let (d, snap) = state_digest(vcpu, vm, mem, pos, &console, keep)?;
             pages = d.pages.len() as u64;
             if let (Some(t), Some(snap)) = (trail.as_mut(), snap) {
                 // Written before the comparison, so a mismatching digest's bytes are kept.

@@ -310,9 +310,14 @@ struct ReplayArgs {
     /// `twinvm diff` (see README: seeing a divergence).
     #[arg(long)]
     page_trail: Option<PathBuf>,
-    /// How many digests the page trail keeps.
+    /// How many digests the page trail keeps: the last ones, or the first ones from
+    /// `--page-trail-from`.
     #[arg(long, default_value_t = 8)]
     page_trail_keep: usize,
+    /// Keep the page trail's digests from this position on (e.g. a little before where
+    /// another run diverged).
+    #[arg(long)]
+    page_trail_from: Option<u64>,
 }
 
 /// What to boot. Without options, the image that guest-images/build.sh made.
@@ -364,9 +369,14 @@ struct GuestArgs {
     /// primary, backup), for `twinvm diff`.
     #[arg(long)]
     page_trail: Option<PathBuf>,
-    /// How many digests the page trail keeps.
+    /// How many digests the page trail keeps: the last ones, or the first ones from
+    /// `--page-trail-from`.
     #[arg(long, default_value_t = 8)]
     page_trail_keep: usize,
+    /// Keep the page trail's digests from this position on (e.g. a little before where
+    /// another run diverged).
+    #[arg(long)]
+    page_trail_from: Option<u64>,
 }
 
 fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
@@ -448,7 +458,10 @@ impl GuestArgs {
             role: "alone".to_string(),
             tap: self.tap.clone(),
             corrupt_at: None,
-            page_trail: self.page_trail.clone().map(|d| (d, self.page_trail_keep)),
+            page_trail: self
+                .page_trail
+                .clone()
+                .map(|d| (d, self.page_trail_keep, self.page_trail_from)),
         })
     }
 }
@@ -494,7 +507,10 @@ impl ReplayArgs {
             role: "replaying".to_string(),
             tap: None,
             corrupt_at: self.test_corrupt_at,
-            page_trail: self.page_trail.clone().map(|d| (d, self.page_trail_keep)),
+            page_trail: self
+                .page_trail
+                .clone()
+                .map(|d| (d, self.page_trail_keep, self.page_trail_from)),
         })
     }
 }
@@ -772,6 +788,9 @@ fn spawn_output_releaser(
                     }
                 }
             }
+            // The backup learns how far the outside world has seen the output, so that, if
+            // it goes live, it re-emits only what came after (at least once, never lost).
+            sender.set_released(stats.bytes, stats.frames);
         }
         stats
     })

@@ -280,6 +280,13 @@ impl Nic {
         }
     }
 
+    /// Sends `frames` where transmitted frames go now.
+    pub fn send_frames(&mut self, frames: Vec<Vec<u8>>) {
+        for f in frames {
+            self.tx.frame(f);
+        }
+    }
+
     /// Whether the card reads from a TAP.
     pub fn has_tap(&self) -> bool {
         self.tap.is_some()

@@ -590,6 +590,17 @@ impl Mode {
         Ok(())
     }
 
+    /// In a live backup, how much output its primary has released: (console bytes, frames).
+    pub fn primary_released(&self) -> Option<(u64, u64)> {
+        match self {
+            Mode::Replay(r) => match &r.source {
+                Source::Net(rx) => Some(rx.released()),
+                Source::File(_) => None,
+            },
+            _ => None,
+        }
+    }
+
     /// The machine has reached `pos`: a live backup tells its primary in the next ack.
     pub fn progress(&self, pos: u64) {
         if let Mode::Replay(r) = self {

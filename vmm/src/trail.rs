@@ -88,22 +88,37 @@ pub fn fpu_fields(f: &kvm_bindings::kvm_fpu) -> BTreeMap<String, String> {
 pub struct TrailWriter {
     dir: PathBuf,
     keep: usize,
+    from: Option<u64>,
     written: VecDeque<u64>,
 }
 
 impl TrailWriter {
-    /// Creates (or reuses) `dir`.
-    pub fn new(dir: &Path, keep: usize) -> Result<Self, TrailError> {
+    /// Creates (or reuses) `dir`. Without `from`, the trail keeps the last `keep` digests;
+    /// with it, the first `keep` digests at or after position `from` (to look at a
+    /// divergence another run reported).
+    pub fn new(dir: &Path, keep: usize, from: Option<u64>) -> Result<Self, TrailError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         Ok(TrailWriter {
             dir: dir.to_path_buf(),
             keep: keep.max(1),
+            from,
             written: VecDeque::new(),
         })
     }
 
+    /// Whether a digest at `pos` is to be kept.
+    pub fn wants(&self, pos: u64) -> bool {
+        match self.from {
+            Some(from) => pos >= from && self.written.len() < self.keep,
+            None => true,
+        }
+    }
+
     /// Writes one snapshot and drops the oldest beyond `keep`.
     pub fn write(&mut self, s: &Snapshot) -> Result<(), TrailError> {
+        if !self.wants(s.pos) {
+            return Ok(());
+        }
         let json = self.dir.join(format!("{:012}.json", s.pos));
         let pages = self.dir.join(format!("{:012}.pages", s.pos));
         let text = serde_json::to_string(s).map_err(|e| TrailError::Bad {
@@ -252,13 +267,15 @@ pub fn diff(
         .collect();
     let mut out = String::new();
     if common.is_empty() {
-        let _ = writeln!(
-            out,
-            "no position in common (A holds {:?}, B holds {:?})",
-            pa.iter().collect::<Vec<_>>(),
-            pb.iter().collect::<Vec<_>>()
-        );
-        return Ok((out, false));
+        return Err(TrailError::Bad {
+            path: b.to_path_buf(),
+            msg: format!(
+                "no digest position in common with {} (A holds {:?}, B holds {:?}): keep the digests around the divergence on both sides with --page-trail-from POS",
+                a.display(),
+                pa.iter().collect::<Vec<_>>(),
+                pb.iter().collect::<Vec<_>>()
+            ),
+        });
     }
     let mut any = false;
     for pos in common {
@@ -348,8 +365,8 @@ mod tests {
     fn a_trail_round_trips_keeps_the_last_k_and_diff_names_the_bytes() {
         let base = std::env::temp_dir().join(format!("twinvm-trail-{}", std::process::id()));
         let (a, b) = (base.join("a"), base.join("b"));
-        let mut wa = TrailWriter::new(&a, 2).unwrap();
-        let mut wb = TrailWriter::new(&b, 2).unwrap();
+        let mut wa = TrailWriter::new(&a, 2, None).unwrap();
+        let mut wb = TrailWriter::new(&b, 2, None).unwrap();
         let page = vec![7u8; PAGE];
         let mut other = page.clone();
         other[0x47b] = 1;
@@ -377,6 +394,17 @@ mod tests {
         assert!(report.contains("@2000: equal"), "{report}");
         assert!(report.contains("page gfn 0x17b8"), "{report}");
         assert!(report.contains("+0x47b..0x47c: A 07 B 01"), "{report}");
+        // A trail started from a position keeps the first K from there.
+        let c = base.join("c");
+        let mut wc = TrailWriter::new(&c, 1, Some(2000)).unwrap();
+        for pos in [1000, 2000, 3000] {
+            wc.write(&snap(pos, page.clone())).unwrap();
+        }
+        assert_eq!(positions(&c).unwrap(), vec![2000]);
+        assert!(
+            diff(&c, &base.join("a"), Some(1), 4).is_err(),
+            "nothing in common"
+        );
         // A truncated pages file is an error, not a shorter page.
         let f = a.join(format!("{:012}.pages", 3000));
         std::fs::write(&f, vec![0u8; 100]).unwrap();

@@ -94,6 +94,16 @@ pub enum Message {
         /// The backup's HMAC (its role instead of the primary's).
         mac: [u8; 32],
     },
+    /// How much of the guest's output the primary has released to the outside world (the
+    /// output rule): console bytes and transmitted frames, counted from the start. A backup
+    /// that goes live emits what its replay produced after this point (DESIGN.md: output at
+    /// failover).
+    Released {
+        /// Console bytes released.
+        console: u64,
+        /// Frames released.
+        frames: u64,
+    },
 }
 
 impl Message {
@@ -107,6 +117,7 @@ impl Message {
             Message::Heartbeat { .. } => "Heartbeat",
             Message::Ack { .. } => "Ack",
             Message::Diverged { .. } => "Diverged",
+            Message::Released { .. } => "Released",
             Message::AuthHello { .. } => "AuthHello",
             Message::AuthChallenge { .. } => "AuthChallenge",
             Message::AuthProof { .. } => "AuthProof",

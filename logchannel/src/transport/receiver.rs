@@ -354,8 +354,8 @@ impl LogListener {
         let (tx, rx) = std::sync::mpsc::channel();
         let (abort_tx, abort_rx) = oneshot::channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let replayed = Arc::new(AtomicU64::new(0));
-        let replayed2 = replayed.clone();
+        let progress = Arc::new(Progress::default());
+        let progress2 = progress.clone();
         let config = self.config;
         let thread = std::thread::Builder::new()
             .name("logchannel-rx".into())
@@ -384,7 +384,7 @@ impl LogListener {
                     };
                     tokio::select! {
                         _ = abort_rx => debug!(%peer, "log receiver dropped"),
-                        e = receive(stream, dec, peer, config, &tx, &replayed2, ctl_rx) => {
+                        e = receive(stream, dec, peer, config, &tx, &progress2, ctl_rx) => {
                             match &e {
                                 TransportError::Closed { .. } => info!(%peer, "primary closed the log channel"),
                                 _ => warn!(%peer, error = %e, "log channel from primary failed"),
@@ -404,7 +404,7 @@ impl LogListener {
             peer,
             end: None,
             received: 0,
-            replayed,
+            progress,
             ctl: ctl_tx,
             abort: Some(abort_tx),
             thread: Some(thread),
@@ -578,6 +578,14 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
+/// What the two ends of a backup's channel share: how far the replay is (sent in acks) and
+/// how much output the primary says it has released (from its `Released` messages).
+#[derive(Debug, Default)]
+struct Progress {
+    replayed: AtomicU64,
+    released: (AtomicU64, AtomicU64),
+}
+
 /// What the backup's own side asks the channel to do.
 enum Control {
     /// Send this message, and say so once it is written.
@@ -595,9 +603,11 @@ async fn receive(
     peer: SocketAddr,
     config: ChannelConfig,
     tx: &Sender<Result<Entry, TransportError>>,
-    replayed: &AtomicU64,
+    progress: &Progress,
     mut ctl: mpsc::UnboundedReceiver<Control>,
 ) -> TransportError {
+    let replayed = &progress.replayed;
+    let released = &progress.released;
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0; 64 * 1024];
     let mut heard = Instant::now();
@@ -626,6 +636,10 @@ async fn receive(
                     }
                 }
                 Message::Heartbeat { seq: s } if s == seq => {}
+                Message::Released { console, frames } => {
+                    released.0.fetch_max(console, Ordering::AcqRel);
+                    released.1.fetch_max(frames, Ordering::AcqRel);
+                }
                 Message::Entry { seq: s, .. } | Message::Heartbeat { seq: s } => {
                     return TransportError::Protocol {
                         peer,
@@ -700,7 +714,7 @@ pub struct LogReceiver {
     peer: SocketAddr,
     end: Option<TransportError>,
     received: u64,
-    replayed: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     ctl: mpsc::UnboundedSender<Control>,
     abort: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -722,9 +736,19 @@ impl LogReceiver {
         self.received
     }
 
+    /// How much output the primary said it has released: (console bytes, frames).
+    pub fn released(&self) -> (u64, u64) {
+        (
+            self.progress.released.0.load(Ordering::Acquire),
+            self.progress.released.1.load(Ordering::Acquire),
+        )
+    }
+
     /// The replay has reached `pos`: the next acks say so (the primary bounds the lag).
     pub fn set_replayed(&self, pos: Position) {
-        self.replayed.fetch_max(pos.get(), Ordering::AcqRel);
+        self.progress
+            .replayed
+            .fetch_max(pos.get(), Ordering::AcqRel);
     }
 
     /// Acks now if the replayed position moved since the last ack (a replay that waits for

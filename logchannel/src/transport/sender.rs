@@ -75,6 +75,8 @@ struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     status: watch::Sender<ChannelStatus>,
+    /// Output released so far (console bytes, frames), sent as `Released` when it moves.
+    released: watch::Sender<(u64, u64)>,
 }
 
 impl Shared {
@@ -199,7 +201,9 @@ impl LogSender {
         secret: Option<PairSecret>,
     ) -> Result<LogSender, TransportError> {
         let (status, _) = watch::channel(ChannelStatus::default());
+        let (released, _) = watch::channel((0, 0));
         let shared = Arc::new(Shared {
+            released,
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             status,
@@ -251,6 +255,13 @@ impl LogSender {
     /// The backup's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The output rule has released `console` bytes and `frames` frames of the guest's
+    /// output in all; the backup is told (coalesced, soon after), so that if it goes live it
+    /// re-emits only what came after.
+    pub fn set_released(&self, console: u64, frames: u64) {
+        self.shared.released.send_replace((console, frames));
     }
 
     /// Queues `entry` for the backup and returns its sequence number. Never blocks on the
@@ -451,7 +462,7 @@ async fn run(
         authenticated = secret.is_some(),
         "log channel to backup up"
     );
-    let writer = writer(wr, rx, config, addr);
+    let writer = writer(wr, rx, config, addr, shared.released.subscribe());
     let reader = reader(rd, dec, &shared, config, addr);
     tokio::pin!(writer, reader);
     tokio::select! {
@@ -623,6 +634,7 @@ async fn writer(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     config: ChannelConfig,
     peer: SocketAddr,
+    mut released: watch::Receiver<(u64, u64)>,
 ) -> Result<(), TransportError> {
     const BATCH_BYTES: usize = 256 * 1024;
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
@@ -650,6 +662,10 @@ async fn writer(
             }
             _ = heartbeat.tick() => {
                 write_message(&mut wr, &Message::Heartbeat { seq: sent_seq }, peer).await?;
+            }
+            Ok(()) = released.changed() => {
+                let (console, frames) = *released.borrow_and_update();
+                write_message(&mut wr, &Message::Released { console, frames }, peer).await?;
             }
         }
     }
