@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 pub mod bench;
 pub mod netns;
+pub mod timecheck;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
