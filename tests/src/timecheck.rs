@@ -131,9 +131,9 @@ pub struct Sample {
 
 /// Parses `clock LABEL mono A real B uptime C` from a console line.
 pub fn parse_sample(line: &Line) -> Option<Sample> {
-    let mut it = line.text.split_whitespace();
-    // The line may carry console noise in front; find the `clock` word.
-    while it.next()? != "clock" {}
+    // The line may carry console noise (escape sequences) in front of the `clock` word.
+    let at = line.text.find("clock ")?;
+    let mut it = line.text[at..].split_whitespace().skip(1);
     let label = it.next()?.to_string();
     let mut num = |key: &str| -> Option<f64> {
         if it.next()? != key {

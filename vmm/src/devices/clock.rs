@@ -112,7 +112,10 @@ mod tests {
         let mut c = Clock::new();
         assert_eq!(read32(&mut c, REG_ID, 7), CLOCK_MAGIC);
         let mut b = [0u8; 1];
-        c.read(1, &mut b, 0x0000_aa00);
+        c.read(0, &mut b, 0x0000_aa00);
+        assert_eq!(b[0], 0x00);
+        // Only offset 0 latches: offset 1 reads the latched value's second byte.
+        c.read(1, &mut b, 0x1234_5678);
         assert_eq!(b[0], 0xaa);
         let mut b = [0u8; 2];
         c.read(10, &mut b, 0);
