@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use twinvm_tests::timecheck::{drift, run_timed, samples, TimedRun};
 
-/// Rounds of the workload: about 6 s each here, so about a minute of workload.
-const ROUNDS: &str = "twinvm.rounds=9";
+/// Rounds of the workload: about 12 s each here, so about a minute of workload.
+const ROUNDS: &str = "twinvm.rounds=5";
 /// A guard against a hung guest, not a measurement.
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// How far guest elapsed time may stray from host elapsed time, in percent.

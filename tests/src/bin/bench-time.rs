@@ -23,7 +23,7 @@ Runs the guest's `time` workload under run, record and replay N times (default 1
 the drift of guest time against host time for each, side by side.
   --runs N       repetitions (default 1)
   --cpu N|none   pin the vCPU thread to host CPU N (default: not pinned)
-  --rounds R     rounds of the workload, about 6 s each (default 9)
+  --rounds R     rounds of the workload, about 12 s each (default 5)
 ";
 
 const TIMEOUT: Duration = Duration::from_secs(1200);
@@ -57,7 +57,7 @@ fn measure(what: &str, r: &TimedRun, stats: Option<Stats>) -> Result<Measured> {
 fn main() -> std::process::ExitCode {
     bench::main_with("bench-time", || {
         let opts = bench::parse_options(1, None, &["--rounds"], USAGE)?;
-        let rounds = opts.extra("--rounds").unwrap_or("9").to_string();
+        let rounds = opts.extra("--rounds").unwrap_or("5").to_string();
         let append = format!("twinvm.run=time twinvm.rounds={rounds}");
         println!("== bench-time: guest time vs host time (run, record, replay) ==");
         println!("{}", bench::host_line());
