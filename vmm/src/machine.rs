@@ -1078,10 +1078,12 @@ impl Machine {
                 continue;
             }
             let now = self.clock.mono_ns();
-            // The timer may not starve the other lines: while one of them waits, IRQ 0 is
-            // not raised (its rises coalesce in the PIT, and the guest's clocksource loses
-            // no time by it). A tick the guest has not taken yet is coalesced by the PIC.
-            let others_wait = self.devices.pic.pending_lines() & !(1 << PIT_IRQ) != 0;
+            // The timer may not starve the other lines: while one of them waits to be
+            // delivered, IRQ 0 is not raised (its rises coalesce in the PIT, and the guest's
+            // clocksource loses no time by it). A tick the guest has not taken yet is
+            // coalesced by the PIC.
+            let others_wait = self.devices.pic.has_interrupt()
+                && self.devices.pic.pending_lines() & !(1 << PIT_IRQ) != 0;
             if !others_wait && self.devices.pit.poll_irq(now) {
                 self.devices.pic.pulse(PIT_IRQ);
                 self.rr(|m| m.irq_line(pos, PIT_IRQ))?;
