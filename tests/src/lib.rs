@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub mod bench;
 pub mod netns;
 pub mod soak;
+pub mod timecheck;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootLayout};
 use crate::cpuid::{self, CpuidError};
+use crate::devices::clock::{Clock, CLOCK_BASE, CLOCK_LEN};
 use crate::devices::pic::{Chip, PicPair};
 use crate::devices::pit::Pit;
 use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
@@ -33,7 +34,10 @@ use crate::vstate::{self, KickArm, VcpuKick, VstateError};
 pub const PIT_IRQ: u8 = 0;
 
 /// Most single steps taken towards one interrupt delivery (see `Machine::prepare_entry`).
-pub const MAX_STEPS: u64 = 20_000;
+/// A step costs about as much as 40 instructions of guest kernel code on this project's
+/// hosts, so the budget bounds what one delivery can cost (about 10 ms); past it, the
+/// interrupt waits for the next exit at which the guest can take it.
+pub const MAX_STEPS: u64 = 500;
 
 /// Whether `insn` is `pushf` (with an optional operand-size or REX prefix).
 fn is_pushf(insn: &[u8; 3]) -> bool {
@@ -43,6 +47,11 @@ fn is_pushf(insn: &[u8; 3]) -> bool {
 /// Whether `insn` is `iret` or `iretq`.
 fn is_iret(insn: &[u8; 3]) -> bool {
     matches!(insn, [0xcf, ..] | [0x48, 0xcf, _])
+}
+
+/// Whether `insn` is `hlt`.
+fn is_hlt(insn: &[u8; 3]) -> bool {
+    insn[0] == 0xf4
 }
 
 /// Whether `insn` is `sysret` or `sysretq`, which always return to user mode.
@@ -265,57 +274,49 @@ enum Dev {
     Port61,
     Cmos,
     Serial,
+    Clock,
 }
 
-/// The host clocks the device model reads in a live run.
+/// The host clock the device model reads in a live run: one monotonic clock that never
+/// stops (DESIGN.md, Determinism 5), and the wall clock derived from it, so that the RTC and
+/// the twinvm clock device tell the same time.
 #[derive(Debug, Clone, Copy)]
 pub struct HostClock {
     start: Instant,
+    /// Monotonic nanoseconds at `start`.
+    mono_base: u64,
+    /// Wall-clock nanoseconds since the Unix epoch at `start`.
+    wall_base: u64,
     /// In replay the clock is never read: every time-dependent answer comes from the log.
     frozen: bool,
-    /// Time the guest's monotonic clock stood still (while the VMM single-stepped it).
-    paused: Duration,
-    /// When the current pause began.
-    paused_since: Option<Instant>,
 }
 
 impl HostClock {
     fn new(frozen: bool) -> Self {
+        Self::starting_at(0, frozen)
+    }
+
+    /// A clock whose monotonic time starts at `mono_ns` now (a backup going live carries on
+    /// from the last time its guest read).
+    fn starting_at(mono_ns: u64, frozen: bool) -> Self {
         HostClock {
             start: Instant::now(),
+            mono_base: mono_ns,
+            wall_base: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
             frozen,
-            paused: Duration::ZERO,
-            paused_since: None,
         }
     }
 
-    /// Nanoseconds of guest-visible monotonic time since the machine was created: host time
-    /// less the pauses; 0 when frozen.
+    /// Nanoseconds of guest-visible monotonic time (since the machine was created); 0 when
+    /// frozen.
     pub fn mono_ns(&self) -> u64 {
         if self.frozen {
             return 0;
         }
-        let pausing = self.paused_since.map_or(Duration::ZERO, |t| t.elapsed());
-        self.start
-            .elapsed()
-            .saturating_sub(self.paused + pausing)
-            .as_nanos() as u64
-    }
-
-    /// Stops the monotonic clock: single-stepping runs the guest thousands of times slower
-    /// than it runs, and a clock that kept going would flood it with timer ticks, which
-    /// outrank and starve every other interrupt.
-    fn pause(&mut self) {
-        if self.paused_since.is_none() {
-            self.paused_since = Some(Instant::now());
-        }
-    }
-
-    /// Restarts the monotonic clock.
-    fn resume(&mut self) {
-        if let Some(t) = self.paused_since.take() {
-            self.paused += t.elapsed();
-        }
+        self.mono_base + self.start.elapsed().as_nanos() as u64
     }
 
     /// Nanoseconds since the Unix epoch (wall clock); 0 when frozen.
@@ -323,10 +324,7 @@ impl HostClock {
         if self.frozen {
             return 0;
         }
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
+        self.wall_base + self.start.elapsed().as_nanos() as u64
     }
 }
 
@@ -342,6 +340,8 @@ pub struct Devices {
     pub cmos: Cmos,
     /// The console UART.
     pub serial: SerialConsole,
+    /// The twinvm clock (the guest's clocksource).
+    pub clock: Clock,
 }
 
 impl Devices {
@@ -355,6 +355,7 @@ impl Devices {
             (0x61, 1, Dev::Port61),
             (0x70, 2, Dev::Cmos),
             (COM1_BASE, COM1_LEN, Dev::Serial),
+            (CLOCK_BASE, CLOCK_LEN, Dev::Clock),
         ];
         for (base, len, dev) in layout {
             // The layout is fixed and has no overlaps (checked by the unit test below).
@@ -366,6 +367,7 @@ impl Devices {
             pit: Pit::new(),
             cmos: Cmos::new(),
             serial: SerialConsole::new(),
+            clock: Clock::new(),
         }
     }
 
@@ -375,7 +377,16 @@ impl Devices {
             Some((Dev::Pit, off)) => off < 3,
             Some((Dev::Port61, _)) => true,
             Some((Dev::Cmos, 1)) => true,
+            Some((Dev::Clock, off)) => Clock::is_time_dependent(off),
             _ => false,
+        }
+    }
+
+    /// What the guest got from a time-dependent read of `port` (the log's value in a
+    /// replay): the clock device keeps track of the time its guest has seen.
+    fn observe_time_read(&mut self, port: u16, data: &[u8]) {
+        if let Some((Dev::Clock, off)) = self.bus.resolve(u64::from(port)) {
+            self.clock.observe(off, data);
         }
     }
 
@@ -388,6 +399,11 @@ impl Devices {
             Some((Dev::Port61, _)) => self.pit.read_port61(clock.mono_ns()),
             Some((Dev::Cmos, off)) => self.cmos.read(off, clock.wall_ns()),
             Some((Dev::Serial, off)) => self.serial.read(off),
+            Some((Dev::Clock, off)) => {
+                let mut b = [0u8];
+                self.clock.read(off, &mut b, clock.mono_ns());
+                b[0]
+            }
             None => 0xff,
         }
     }
@@ -401,13 +417,20 @@ impl Devices {
             Some((Dev::Port61, _)) => self.pit.write_port61(val, clock.mono_ns()),
             Some((Dev::Cmos, off)) => self.cmos.write(off, val, clock.wall_ns()),
             Some((Dev::Serial, off)) => self.serial.write(off, val),
-            None => {}
+            Some((Dev::Clock, _)) | None => {}
         }
     }
 
     /// A port access of `size` bytes: the devices here are all 8 bits wide, so a wider
     /// access reaches consecutive ports, as the ISA bus splits it.
     fn pio(&mut self, port: u16, size: usize, is_in: bool, data: &mut [u8], clock: &HostClock) {
+        if let (true, Some((Dev::Clock, off))) = (is_in, self.bus.resolve(u64::from(port))) {
+            // The clock's registers are 32 bits wide: one access latches once.
+            for access in data.chunks_mut(size.max(1)) {
+                self.clock.read(off, access, clock.mono_ns());
+            }
+            return;
+        }
         for access in data.chunks_mut(size.max(1)) {
             for (i, b) in access.iter_mut().enumerate() {
                 let p = port.wrapping_add(i as u16);
@@ -846,6 +869,7 @@ impl Machine {
                         let pos = self.stats.sync_exits;
                         self.rr(|m| m.time_read(pos, port, &mut data))?;
                         vstate::pio_exit(&mut self.vcpu).data.copy_from_slice(&data);
+                        self.devices.observe_time_read(port, &data);
                     }
                     false
                 }
@@ -1036,9 +1060,10 @@ impl Machine {
     /// A backup becomes the machine: the clock runs, its console is shown, its card opens
     /// the TAP and announces the guest's MAC address so the network delivers here.
     fn go_live(&mut self) -> Result<(), MachineError> {
-        // Every time-dependent answer so far came from the log and the clock stood at 0;
-        // a fresh clock starting now keeps the device model consistent.
-        self.clock = HostClock::new(false);
+        // Every time-dependent answer so far came from the log and the clock stood at 0; the
+        // live clock carries on from the last time the guest read, so its time never goes
+        // back.
+        self.clock = HostClock::starting_at(self.devices.clock.seen_ns(), false);
         if let Some(out) = self.live_console.take() {
             self.console_out = out;
         }
@@ -1241,7 +1266,13 @@ impl Machine {
                 continue;
             }
             let now = self.clock.mono_ns();
-            if self.devices.pit.poll_irq(now) {
+            // The timer may not starve the other lines: while one of them waits to be
+            // delivered, IRQ 0 is not raised (its rises coalesce in the PIT, and the guest's
+            // clocksource loses no time by it). A tick the guest has not taken yet is
+            // coalesced by the PIC.
+            let others_wait = self.devices.pic.has_interrupt()
+                && self.devices.pic.pending_lines() & !(1 << PIT_IRQ) != 0;
+            if !others_wait && self.devices.pit.poll_irq(now) {
                 self.devices.pic.pulse(PIT_IRQ);
                 self.rr(|m| m.irq_line(pos, PIT_IRQ))?;
             }
@@ -1493,7 +1524,12 @@ impl Machine {
         let Some(insn) = self.next_insn()? else {
             return Ok(false);
         };
-        if is_sysret(&insn) || (is_iret(&insn) && self.iret_goes_to_user()?) {
+        // A `hlt` (Linux's idle: `sti; hlt`, stepped to within the `sti` shadow) exits by
+        // itself, with interrupts enabled: the interrupt is injected at that exit. Stepping
+        // it instead was seen to leave a stale exit on this project's software KVM: after the
+        // injection at the HLT exit, the next `KVM_RUN` returned after one instruction of the
+        // interrupt handler, reporting HLT again, with interrupts off (read as a power-off).
+        if is_hlt(&insn) || is_sysret(&insn) || (is_iret(&insn) && self.iret_goes_to_user()?) {
             return Ok(false);
         }
         self.stepping_pushf = is_pushf(&insn);
@@ -1576,9 +1612,6 @@ impl Machine {
         self.stepping = on;
         if on {
             self.stats.step_episodes += 1;
-            self.clock.pause();
-        } else {
-            self.clock.resume();
         }
         Ok(())
     }
@@ -1779,6 +1812,8 @@ mod tests {
         assert!(is_pushf(&[0x9c, 0x58, 0x90]));
         assert!(is_pushf(&[0x66, 0x9c, 0x90]));
         assert!(!is_pushf(&[0x9d, 0x90, 0x90]), "popf is not pushf");
+        assert!(is_hlt(&[0xf4, 0x00, 0x00]));
+        assert!(!is_hlt(&[0xfb, 0xf4, 0x00]), "sti is not hlt");
     }
 
     #[test]

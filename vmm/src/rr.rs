@@ -8,7 +8,7 @@
 //!
 //! | hook | when | record writes | replay |
 //! |---|---|---|---|
-//! | [`Mode::time_read`] | a guest read of a time-dependent port (PIT, port 0x61, RTC) | `PioIn` | returns the logged value |
+//! | [`Mode::time_read`] | a guest read of a time-dependent port (PIT, port 0x61, RTC, the twinvm clock) | `PioIn` | returns the logged value |
 //! | digest | at every position that is a multiple of the interval, and at the end | `Digest` | compares, stops on the first mismatch |
 //! | asynchronous inputs | at a delivery point | `IrqLine`, `ConsoleIn` | applies the logged ones at this position |
 //! | injection | at a delivery point, when the guest can take the PIC's vector | `Inject` | checks the logged vector |

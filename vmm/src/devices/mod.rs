@@ -7,6 +7,7 @@
 //! at every delivery point.
 
 pub mod bus;
+pub mod clock;
 pub mod cmos;
 pub mod pic;
 pub mod pit;

@@ -321,6 +321,14 @@ impl PicPair {
         chip.elcr = val & chip.elcr_mask;
     }
 
+    /// Lines (0-15) whose request waits in IRR unmasked; the master's cascade line 2 is
+    /// left out (the slave's own lines stand for it).
+    pub fn pending_lines(&self) -> u16 {
+        let master = self.master.irr & !self.master.imr & !(1 << 2);
+        let slave = self.slave.irr & !self.slave.imr;
+        u16::from(master) | (u16::from(slave) << 8)
+    }
+
     /// Interrupt mask register of the master (bits 0-7) and slave (bits 8-15).
     pub fn masks(&self) -> u16 {
         u16::from(self.master.imr) | (u16::from(self.slave.imr) << 8)
