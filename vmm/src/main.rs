@@ -216,9 +216,7 @@ impl ChannelArgs {
     /// The heartbeat interval: as given, or a quarter of the peer timeout, so that three
     /// heartbeats in a row may be late or lost before a healthy peer counts as failed.
     fn heartbeat_ms(&self) -> u64 {
-        self.heartbeat_ms
-            .unwrap_or(self.peer_timeout_ms / 4)
-            .max(1)
+        self.heartbeat_ms.unwrap_or(self.peer_timeout_ms / 4).max(1)
     }
 
     fn config(&self) -> logchannel::transport::ChannelConfig {
@@ -264,6 +262,10 @@ struct PrimaryArgs {
     /// Replay-lag bound in positions (the smaller of the two bounds applies).
     #[arg(long, default_value_t = 20_000)]
     max_replay_lag_positions: u64,
+    /// Floor of the time bound, in positions: the primary may always run this far ahead
+    /// of the backup's replay (fewer makes it spend its time held on a slow host).
+    #[arg(long, default_value_t = 10_000)]
+    min_replay_lag_positions: u64,
     /// Positions between two state digests.
     #[arg(long, default_value_t = 2000)]
     digest_interval: u64,
@@ -861,6 +863,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             bytes: args.max_lag_bytes,
             replay_positions: args.max_replay_lag_positions,
             replay_time: std::time::Duration::from_millis(args.max_replay_lag_ms),
+            replay_min_positions: args.min_replay_lag_positions,
         },
     );
     let out = HeldOutput {
@@ -1007,7 +1010,10 @@ fn ack_without_replay(mut rx: logchannel::transport::LogReceiver) -> anyhow::Res
                 }
             }
             Ok(None) => rx.flush_progress(),
-            Err(e) => bail!("the primary's stream ended after {} entries: {e}", rx.received()),
+            Err(e) => bail!(
+                "the primary's stream ended after {} entries: {e}",
+                rx.received()
+            ),
         }
     }
 }

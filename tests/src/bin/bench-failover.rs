@@ -22,7 +22,8 @@
 //! go-live is the client's retransmission backoff.
 //!
 //! Runs are spread round-robin over settings of the replay-lag bound (`--settings`), each
-//! `LAG[:TCP][*COUNT]`: `LAG` is `--max-replay-lag-ms` in ms, `off` (no replay bound) or
+//! `LAG[:TCP][*COUNT]`: `LAG` is `--max-replay-lag-ms` in ms, `Np` (a bound of N positions),
+//! `off` (no replay bound) or
 //! `ack` (the default bound with a backup that acknowledges without replaying, which shows
 //! the primary's own cost); `TCP` is `std` (the client socket as it comes) or `fast`
 //! (`TCP_THIN_LINEAR_TIMEOUTS` and `TCP_RTO_MAX_MS` 1000 on it: retransmissions of a thin
@@ -56,7 +57,8 @@ SIGKILL of the primary, the backup carrying on. Prints takeover (kill -> the cli
 answer), kill -> live, the backlog at the kill, ping loss, the client's TCP counters in the
 gap, and the pair's request rate against the same guest alone, per setting.
   --runs N              repetitions when --settings gives no counts (default 3)
-  --settings LIST       comma-separated LAG[:TCP][*COUNT]; LAG: --max-replay-lag-ms, `off`
+  --settings LIST       comma-separated LAG[:TCP][*COUNT]; LAG: --max-replay-lag-ms, Np
+                        (N positions), `off`
                         or `ack` (a backup that acks without replaying: the primary's own
                         cost; the backup is killed instead); TCP: `std` or `fast` (client
                         socket with linear retransmission timeouts and a 1 s RTO cap);
@@ -74,7 +76,7 @@ const ANSWERS_AFTER: usize = 5;
 /// Length of a burst of back-to-back requests.
 const BURST: Duration = Duration::from_secs(4);
 /// Longest wait for one answer: a guard, never a measurement (the backlog can be long).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(150);
 /// How often the main thread looks at the client, the processes and the status files.
 const POLL: Duration = Duration::from_millis(5);
 /// `TCP_RTO_MAX_MS` (Linux 6.15), not in every libc yet.
@@ -87,8 +89,11 @@ fn path_arg(p: &Path) -> Result<String> {
 /// The replay-lag bound of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lag {
-    /// `--max-replay-lag-ms` (the positions bound at its default).
+    /// `--max-replay-lag-ms` (the positions bounds at their defaults).
     Ms(u64),
+    /// A bound of exactly this many positions (`--max-replay-lag-positions` and
+    /// `--min-replay-lag-positions`).
+    Pos(u64),
     /// No replay-lag bound.
     Off,
     /// The default bound, with a backup that acknowledges without replaying.
@@ -106,6 +111,7 @@ impl Setting {
     fn label(&self) -> String {
         let lag = match self.lag {
             Lag::Ms(ms) => format!("{ms} ms"),
+            Lag::Pos(p) => format!("{p} positions"),
             Lag::Off => "off".to_string(),
             Lag::AckOnly => "ack-only backup".to_string(),
         };
@@ -119,6 +125,12 @@ impl Setting {
     fn primary_args(&self) -> Vec<String> {
         match self.lag {
             Lag::Ms(ms) => vec!["--max-replay-lag-ms".into(), ms.to_string()],
+            Lag::Pos(p) => vec![
+                "--max-replay-lag-positions".into(),
+                p.to_string(),
+                "--min-replay-lag-positions".into(),
+                p.to_string(),
+            ],
             Lag::Off => vec![
                 "--max-replay-lag-ms".into(),
                 "1000000000".into(),
@@ -148,6 +160,11 @@ fn parse_settings(list: &str, runs: usize) -> Result<Vec<Setting>> {
         let lag = match lag {
             "off" => Lag::Off,
             "ack" => Lag::AckOnly,
+            p if p.ends_with('p') => Lag::Pos(
+                p.trim_end_matches('p')
+                    .parse()
+                    .map_err(|_| format!("setting {item:?}: {p:?} is not a count of positions"))?,
+            ),
             ms => Lag::Ms(
                 ms.parse()
                     .map_err(|_| format!("setting {item:?}: {ms:?} is not ms, `off` or `ack`"))?,
@@ -533,7 +550,8 @@ fn run(
                 ))
             }
         }
-        let burst_rate = |start: Instant, count: usize| count as f64 / start.elapsed().as_secs_f64();
+        let burst_rate =
+            |start: Instant, count: usize| count as f64 / start.elapsed().as_secs_f64();
         match phase {
             Phase::Before if phase_answers >= ANSWERS_BEFORE => {
                 phase = Phase::PairBurst;
@@ -770,9 +788,12 @@ fn print_tables(runs: &[Run], peer_timeout_ms: u64) {
         ("takeover: kill -> client's next answer", "ms", 0, |r| {
             Some(r.takeover)
         }),
-        ("client-visible gap (longest between answers)", "ms", 0, |r| {
-            Some(r.gap)
-        }),
+        (
+            "client-visible gap (longest between answers)",
+            "ms",
+            0,
+            |r| Some(r.gap),
+        ),
         ("kill -> `lost its peer` (backlog replayed)", "ms", 0, |r| {
             r.lost_peer
         }),
@@ -783,14 +804,19 @@ fn print_tables(runs: &[Run], peer_timeout_ms: u64) {
         ("live -> client's next retransmission", "ms", 0, |r| {
             r.live_to_retrans
         }),
-        ("client rto at go-live (TCP_INFO)", "ms", 0, |r| r.rto_at_live),
+        ("client rto at go-live (TCP_INFO)", "ms", 0, |r| {
+            r.rto_at_live
+        }),
         ("client backoff at go-live", "", 0, |r| r.backoff_at_live),
         ("client retransmissions before go-live", "", 0, |r| {
             r.retrans_before_live
         }),
-        ("backlog at the kill (replay_lag_positions)", "pos", 0, |r| {
-            r.lag
-        }),
+        (
+            "backlog at the kill (replay_lag_positions)",
+            "pos",
+            0,
+            |r| r.lag,
+        ),
         ("ping replies missing (every 200 ms)", "", 0, |r| {
             Some(r.ping_lost)
         }),
@@ -827,7 +853,14 @@ fn print_tables(runs: &[Run], peer_timeout_ms: u64) {
     println!("  -- trade-off (medians; the rate pair/alone measured in the same runs, both guests on the same 2 cores)");
     println!(
         "  {:<34}  {:>4}  {:>11}  {:>11}  {:>11}  {:>9}  {:>8}  {:>7}",
-        "replay-lag bound", "runs", "takeover p50", "p95", "kill->live", "backlog", "held", "pair/alone"
+        "replay-lag bound",
+        "runs",
+        "takeover p50",
+        "p95",
+        "kill->live",
+        "backlog",
+        "held",
+        "pair/alone"
     );
     for s in &settings {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.setting == Some(*s)).collect();
@@ -858,7 +891,12 @@ fn print_tables(runs: &[Run], peer_timeout_ms: u64) {
 
 fn main() -> std::process::ExitCode {
     bench::main_with("bench-failover", || {
-        let opts = bench::parse_options(3, None, &["--settings", "--peer-timeout-ms", "--max-minutes"], USAGE)?;
+        let opts = bench::parse_options(
+            3,
+            None,
+            &["--settings", "--peer-timeout-ms", "--max-minutes"],
+            USAGE,
+        )?;
         let settings = parse_settings(opts.extra("--settings").unwrap_or("100:fast"), opts.runs)?;
         let peer_timeout_ms: u64 = match opts.extra("--peer-timeout-ms") {
             Some(v) => v
