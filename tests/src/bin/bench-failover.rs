@@ -27,7 +27,8 @@
 //! `ack` (the default bound with a backup that acknowledges without replaying, which shows
 //! the primary's own cost); `TCP` is `std` (the client socket as it comes) or `fast`
 //! (`TCP_THIN_LINEAR_TIMEOUTS` and `TCP_RTO_MAX_MS` 1000 on it: retransmissions of a thin
-//! stream at a constant interval, at most a second apart).
+//! stream at a constant interval, at most a second apart; and `TCP_USER_TIMEOUT`, as
+//! otherwise the kernel gives the connection up after about 15 such retransmissions).
 //!
 //! A run fails (exit status 1, after the other runs and the figures) on any anomaly in the
 //! answers, a broken connection, or a process that fails (a side exiting early, no takeover).
@@ -483,6 +484,14 @@ fn run(
             .map_err(|e| format!("TCP_THIN_LINEAR_TIMEOUTS: {e}"))?;
         setsockopt_int(&stream, TCP_RTO_MAX_MS, 1000)
             .map_err(|e| format!("TCP_RTO_MAX_MS: {e}"))?;
+        // With retransmissions a second apart the kernel would give the connection up
+        // after about 15 of them; keep it for as long as the answer timeout.
+        setsockopt_int(
+            &stream,
+            libc::TCP_USER_TIMEOUT,
+            ANSWER_TIMEOUT.as_millis() as i32,
+        )
+        .map_err(|e| format!("TCP_USER_TIMEOUT: {e}"))?;
     }
     let (client, events) = Client::start(stream)?;
     let ping = Ping::start(&client_host)?;

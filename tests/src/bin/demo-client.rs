@@ -129,7 +129,13 @@ const TCP_RTO_MAX_MS: libc::c_int = 44;
 /// (`TCP_RTO_MAX_MS`), so the first one after the backup goes live comes soon.
 fn fast_retransmit(s: &TcpStream) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    for (opt, v) in [(libc::TCP_THIN_LINEAR_TIMEOUTS, 1), (TCP_RTO_MAX_MS, 1000)] {
+    // With retransmissions a second apart the kernel would give the connection up after
+    // about 15 of them (15 s): TCP_USER_TIMEOUT keeps it for 5 minutes.
+    for (opt, v) in [
+        (libc::TCP_THIN_LINEAR_TIMEOUTS, 1),
+        (TCP_RTO_MAX_MS, 1000),
+        (libc::TCP_USER_TIMEOUT, 300_000),
+    ] {
         let v: libc::c_int = v;
         // SAFETY: a valid socket and a c_int option value of the right size.
         let r = unsafe {
@@ -197,7 +203,7 @@ fn main() -> ExitCode {
     if o.fast_retransmit {
         match fast_retransmit(&stream) {
             Ok(()) => println!(
-                "[client] retransmissions at a constant interval, at most 1 s apart (TCP_THIN_LINEAR_TIMEOUTS, TCP_RTO_MAX_MS 1000)"
+                "[client] retransmissions at a constant interval, at most 1 s apart (TCP_THIN_LINEAR_TIMEOUTS, TCP_RTO_MAX_MS 1000, TCP_USER_TIMEOUT 300 s)"
             ),
             Err(e) => println!("[client] fast retransmission not available here: {e}"),
         }
