@@ -90,6 +90,7 @@ const PROBE_PORT: u16 = 0x80;
 /// and there executes `CPUID` for each of `leaves` and writes EAX, EBX, ECX and EDX to a
 /// port (IOPL 3 lets it). Returns what the guest saw, and the VMM's table for the same
 /// leaves (the table's leaf 0 carries a marker vendor string).
+#[allow(clippy::type_complexity)]
 pub fn probe_user_cpuid(
     kvm: &Kvm,
     leaves: &[u32],

@@ -182,6 +182,8 @@ pub struct Replayer {
 }
 
 /// Where the machine's non-deterministic inputs come from.
+// One per machine, never moved in a hot path: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Mode {
     /// Host clock and terminal, nothing logged.
