@@ -75,9 +75,10 @@ struct ChannelArgs {
     /// Silence on the log channel after which the peer counts as failed, in milliseconds.
     #[arg(long, default_value_t = 3000)]
     peer_timeout_ms: u64,
-    /// Interval between heartbeats, in milliseconds.
-    #[arg(long, default_value_t = 100)]
-    heartbeat_ms: u64,
+    /// Interval between heartbeats, in milliseconds [default: a quarter of
+    /// --peer-timeout-ms].
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
     /// File whose first line is the pair's shared secret (the same on both sides, at least
     /// 16 bytes): each side proves it holds it before any log entry flows. Without it the
     /// log channel is unauthenticated.
@@ -157,9 +158,15 @@ impl FailoverArgs {
 }
 
 impl ChannelArgs {
+    /// The heartbeat interval: as given, or a quarter of the peer timeout, so that three
+    /// heartbeats in a row may be late or lost before a healthy peer counts as failed.
+    fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_ms.unwrap_or(self.peer_timeout_ms / 4).max(1)
+    }
+
     fn config(&self) -> logchannel::transport::ChannelConfig {
         logchannel::transport::ChannelConfig {
-            heartbeat_interval: std::time::Duration::from_millis(self.heartbeat_ms),
+            heartbeat_interval: std::time::Duration::from_millis(self.heartbeat_ms()),
             peer_timeout: std::time::Duration::from_millis(self.peer_timeout_ms),
             handshake_timeout: std::time::Duration::from_secs(5),
         }
@@ -200,6 +207,10 @@ struct PrimaryArgs {
     /// Replay-lag bound in positions (the smaller of the two bounds applies).
     #[arg(long, default_value_t = 20_000)]
     max_replay_lag_positions: u64,
+    /// Floor of the time bound, in positions: the primary may always run this far ahead
+    /// of the backup's replay (fewer makes it spend its time held on a slow host).
+    #[arg(long, default_value_t = 10_000)]
+    min_replay_lag_positions: u64,
     /// Positions between two state digests.
     #[arg(long, default_value_t = 2000)]
     digest_interval: u64,
@@ -224,6 +235,11 @@ struct BackupArgs {
     /// report it and exit with status 5).
     #[arg(long, hide = true)]
     test_corrupt_at: Option<u64>,
+    /// Test only: acknowledge the primary's entries (and report them replayed) without
+    /// running a guest, to measure what a live pair costs the primary alone. Such a backup
+    /// cannot take over: it exits when the primary is gone.
+    #[arg(long, hide = true)]
+    test_ack_without_replay: bool,
     /// Write the backup guest's console output to this file (it is discarded otherwise).
     #[arg(long)]
     console_log: Option<PathBuf>,
@@ -836,6 +852,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             bytes: args.max_lag_bytes,
             replay_positions: args.max_replay_lag_positions,
             replay_time: std::time::Duration::from_millis(args.max_replay_lag_ms),
+            replay_min_positions: args.min_replay_lag_positions,
         },
     );
     let out = HeldOutput {
@@ -939,6 +956,9 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
     };
     let rx = listener.wait_for_primary(check, None)?;
     eprintln!("twinvm: backup accepted its primary at {}", rx.peer());
+    if args.test_ack_without_replay {
+        return ack_without_replay(rx);
+    }
     cfg.corrupt_at = args.test_corrupt_at;
     if let Some(p) = chosen.into_inner() {
         cfg.cpu = p.cpu;
@@ -962,6 +982,29 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
             Ok(())
         },
     )
+}
+
+/// The hidden `backup --test-ack-without-replay`: takes every entry and reports it
+/// replayed at once, so the primary pays for the log channel, the output rule and the
+/// acks but never waits for a replay. Ends with an error when the primary's stream ends.
+fn ack_without_replay(mut rx: logchannel::transport::LogReceiver) -> anyhow::Result<RunOutcome> {
+    eprintln!("twinvm: test: acknowledging without replaying");
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(10)) {
+            Ok(Some(e)) => {
+                rx.set_replayed(e.pos());
+                // A primary held back for the replay waits for this: tell it at once.
+                if matches!(e, logchannel::entry::Entry::Heartbeat { .. }) {
+                    rx.flush_progress();
+                }
+            }
+            Ok(None) => rx.flush_progress(),
+            Err(e) => bail!(
+                "the primary's stream ended after {} entries: {e}",
+                rx.received()
+            ),
+        }
+    }
 }
 
 fn replay(args: &ReplayArgs) -> anyhow::Result<RunOutcome> {

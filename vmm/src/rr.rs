@@ -96,6 +96,11 @@ pub struct LagLimit {
     /// The same bound in time: the positions the primary runs in this long (measured over
     /// the last second of its own progress), when that is fewer than `replay_positions`.
     pub replay_time: Duration,
+    /// The time bound never goes below this many positions: each hold costs a round trip
+    /// and a wake-up of both sides, and a primary allowed only a few hundred positions
+    /// between holds (100 ms on a slow host) spends much of its time held (measured: held
+    /// about 45% of the time at a floor of 1,000).
+    pub replay_min_positions: u64,
 }
 
 /// The primary's recent rate of progress, in positions per second.
@@ -177,6 +182,8 @@ pub struct Replayer {
 }
 
 /// Where the machine's non-deterministic inputs come from.
+// One per machine, never moved in a hot path: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Mode {
     /// Host clock and terminal, nothing logged.
@@ -243,11 +250,14 @@ impl Recorder {
         }
         self.rate.update(pos);
         let by_time = (self.rate.per_sec * lag.replay_time.as_secs_f64()) as u64;
-        // Until the rate is known, and never below one digest interval's worth of slack.
+        // Until the rate is known, and never below the floor.
         let bound = if by_time == 0 {
             lag.replay_positions
         } else {
-            by_time.clamp(1000, lag.replay_positions)
+            by_time.clamp(
+                lag.replay_min_positions.min(lag.replay_positions),
+                lag.replay_positions,
+            )
         };
         let replayed = s.acked().replayed.get();
         if pos.saturating_sub(replayed) <= bound {
@@ -341,6 +351,7 @@ impl Replayer {
 
     /// Reads ahead the next entry (blocking on a live stream).
     pub fn fill(&mut self, pos: u64) -> Result<(), RrError> {
+        let mut waited = false;
         if self.next.is_none() && !self.eof {
             match &mut self.source {
                 Source::File(reader) => match reader.next() {
@@ -356,7 +367,15 @@ impl Replayer {
                     {
                         return Err(RrError::Interrupted);
                     }
-                    match rx.recv_timeout(Duration::from_millis(100)) {
+                    // First only what has arrived already; before waiting for more, the
+                    // replay tells the primary how far it is (below), so a primary held
+                    // back for this replay goes on at once rather than after the wait.
+                    let wait = if waited {
+                        Duration::from_millis(100)
+                    } else {
+                        Duration::ZERO
+                    };
+                    match rx.recv_timeout(wait) {
                         // The primary's VMM failed (a host-side error, not the guest's
                         // doing): for this backup that is the loss of its primary, settled
                         // through the arbiter, never a divergence.
@@ -380,9 +399,9 @@ impl Replayer {
                             break;
                         }
                         Ok(None) => {
-                            // Waiting for the primary: tell it how far the replay is, so a
-                            // primary held back for this replay goes on at once.
+                            // Waiting for the primary: tell it how far the replay is.
                             rx.flush_progress();
+                            waited = true;
                             continue;
                         }
                         // The replay needs more, and the primary's stream has ended: closed
