@@ -322,6 +322,13 @@ struct ReplayArgs {
     /// Test only: flip a bit of guest memory at this position (the replay must diverge).
     #[arg(long, hide = true)]
     test_corrupt_at: Option<u64>,
+    #[command(flatten)]
+    trail: TrailArgs,
+}
+
+/// The page trail (see `vmm::trail`): record, replay, primary and backup.
+#[derive(Debug, Args)]
+struct TrailArgs {
     /// Keep the bytes of every page hashed at the last digests in this directory, for
     /// `twinvm diff` (see README: seeing a divergence).
     #[arg(long)]
@@ -334,6 +341,14 @@ struct ReplayArgs {
     /// another run diverged).
     #[arg(long)]
     page_trail_from: Option<u64>,
+}
+
+impl TrailArgs {
+    fn config(&self) -> Option<(PathBuf, usize, Option<u64>)> {
+        self.page_trail
+            .clone()
+            .map(|d| (d, self.page_trail_keep, self.page_trail_from))
+    }
 }
 
 /// What to boot. Without options, the image that guest-images/build.sh made.
@@ -381,18 +396,8 @@ struct GuestArgs {
     /// The card's MAC address, aa:bb:cc:dd:ee:ff [default: 52:54:00:74:77:01].
     #[arg(long, value_parser = parse_mac_arg)]
     mac: Option<[u8; 6]>,
-    /// Keep the bytes of every page hashed at the last digests in this directory (record,
-    /// primary, backup), for `twinvm diff`.
-    #[arg(long)]
-    page_trail: Option<PathBuf>,
-    /// How many digests the page trail keeps: the last ones, or the first ones from
-    /// `--page-trail-from`.
-    #[arg(long, default_value_t = 8)]
-    page_trail_keep: usize,
-    /// Keep the page trail's digests from this position on (e.g. a little before where
-    /// another run diverged).
-    #[arg(long)]
-    page_trail_from: Option<u64>,
+    #[command(flatten)]
+    trail: TrailArgs,
 }
 
 fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
@@ -474,10 +479,7 @@ impl GuestArgs {
             role: "alone".to_string(),
             tap: self.tap.clone(),
             corrupt_at: None,
-            page_trail: self
-                .page_trail
-                .clone()
-                .map(|d| (d, self.page_trail_keep, self.page_trail_from)),
+            page_trail: self.trail.config(),
         })
     }
 }
@@ -523,10 +525,7 @@ impl ReplayArgs {
             role: "replaying".to_string(),
             tap: None,
             corrupt_at: self.test_corrupt_at,
-            page_trail: self
-                .page_trail
-                .clone()
-                .map(|d| (d, self.page_trail_keep, self.page_trail_from)),
+            page_trail: self.trail.config(),
         })
     }
 }

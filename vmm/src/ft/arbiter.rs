@@ -227,23 +227,28 @@ impl Arbiter for HttpArbiter {
     }
 }
 
+/// What an answered test-and-set means (the same for every backend): `won`, or `lost` and
+/// `stale`, which halt, naming the holder.
+pub fn answered(r: &ClaimResponse) -> Claim {
+    let holder = r.holder.as_deref().unwrap_or("nobody");
+    match r.outcome {
+        arbiter::Outcome::Won => Claim::Won,
+        arbiter::Outcome::Lost => Claim::Lost(format!("held by {holder}")),
+        arbiter::Outcome::Stale => Claim::Lost(format!(
+            "stale: the VM is at generation {}, held by {holder}",
+            r.generation
+        )),
+    }
+}
+
 /// What an answer of the arbiter's test-and-set means for a side that lost its peer.
 /// `lost` and `stale` halt; an arbiter that cannot be reached (connection errors,
 /// timeouts, 408, 5xx, an answer that cannot be read) is asked again; any other refusal
 /// (4xx: a wrong token, a bad id, a generation that is not open) will not change by asking
 /// again, so the side halts at once.
 pub fn classify(answer: Result<ClaimResponse, ClientError>) -> Claim {
-    let holder = |h: &Option<String>| h.clone().unwrap_or_else(|| "nobody".to_string());
     match answer {
-        Ok(r) => match r.outcome {
-            arbiter::Outcome::Won => Claim::Won,
-            arbiter::Outcome::Lost => Claim::Lost(format!("held by {}", holder(&r.holder))),
-            arbiter::Outcome::Stale => Claim::Lost(format!(
-                "stale: the VM is at generation {}, held by {}",
-                r.generation,
-                holder(&r.holder)
-            )),
-        },
+        Ok(r) => answered(&r),
         Err(e @ ClientError::Rejected { status, .. })
             if (400..500).contains(&status) && status != 408 =>
         {

@@ -97,20 +97,11 @@ impl EtcdArbiter {
 
 impl Arbiter for EtcdArbiter {
     fn claim(&mut self) -> Claim {
-        let holder = |h: &Option<String>| h.clone().unwrap_or_else(|| "nobody".to_string());
         match self
             .client
             .test_and_set(&self.vm, &self.claimant, self.generation)
         {
-            Ok(r) => match r.outcome {
-                arbiter::Outcome::Won => Claim::Won,
-                arbiter::Outcome::Lost => Claim::Lost(format!("held by {}", holder(&r.holder))),
-                arbiter::Outcome::Stale => Claim::Lost(format!(
-                    "stale: the VM is at generation {}, held by {}",
-                    r.generation,
-                    holder(&r.holder)
-                )),
-            },
+            Ok(r) => super::arbiter::answered(&r),
             // No quorum, no leader, timeouts: ask again while the guest stays paused.
             Err(e @ (EtcdError::Unavailable { .. } | EtcdError::Etcd { .. })) => {
                 Claim::Unreachable(e.to_string())
