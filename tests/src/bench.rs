@@ -665,6 +665,32 @@ pub fn check_counter_answer(
     Ok(count)
 }
 
+/// Sets an integer `IPPROTO_TCP` socket option on `s` (the fast-retransmission settings of
+/// `demo-client` and `bench-failover`).
+pub fn setsockopt_int(
+    s: &std::net::TcpStream,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `s` owns a valid socket, and `v` is a c_int that lives across the call, whose
+    // size is the length passed.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -207,24 +207,6 @@ struct Client {
     thread: Option<JoinHandle<()>>,
 }
 
-fn setsockopt_int(s: &TcpStream, opt: libc::c_int, v: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: a valid socket and a c_int option value of the right size.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// The socket's `TCP_INFO` (what `ss -ti` prints).
 fn tcp_info(s: &TcpStream) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
@@ -480,13 +462,13 @@ fn run(
     let service: SocketAddr = format!("{GUEST_IP}:7000").parse()?;
     let stream = bench::connect_retry(&client_host, service, Duration::from_secs(60))?;
     if setting.fast_tcp {
-        setsockopt_int(&stream, libc::TCP_THIN_LINEAR_TIMEOUTS, 1)
+        twinvm_tests::bench::setsockopt_int(&stream, libc::TCP_THIN_LINEAR_TIMEOUTS, 1)
             .map_err(|e| format!("TCP_THIN_LINEAR_TIMEOUTS: {e}"))?;
-        setsockopt_int(&stream, TCP_RTO_MAX_MS, 1000)
+        twinvm_tests::bench::setsockopt_int(&stream, TCP_RTO_MAX_MS, 1000)
             .map_err(|e| format!("TCP_RTO_MAX_MS: {e}"))?;
         // With retransmissions a second apart the kernel would give the connection up
         // after about 15 of them; keep it for as long as the answer timeout.
-        setsockopt_int(
+        twinvm_tests::bench::setsockopt_int(
             &stream,
             libc::TCP_USER_TIMEOUT,
             ANSWER_TIMEOUT.as_millis() as i32,

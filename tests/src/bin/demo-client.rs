@@ -128,7 +128,6 @@ const TCP_RTO_MAX_MS: libc::c_int = 44;
 /// stream's first six, `TCP_THIN_LINEAR_TIMEOUTS`) and never more than a second apart
 /// (`TCP_RTO_MAX_MS`), so the first one after the backup goes live comes soon.
 fn fast_retransmit(s: &TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     // With retransmissions a second apart the kernel would give the connection up after
     // about 15 of them (15 s): TCP_USER_TIMEOUT keeps it for 5 minutes.
     for (opt, v) in [
@@ -136,20 +135,7 @@ fn fast_retransmit(s: &TcpStream) -> std::io::Result<()> {
         (TCP_RTO_MAX_MS, 1000),
         (libc::TCP_USER_TIMEOUT, 300_000),
     ] {
-        let v: libc::c_int = v;
-        // SAFETY: a valid socket and a c_int option value of the right size.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        twinvm_tests::bench::setsockopt_int(s, opt, v)?;
     }
     Ok(())
 }
