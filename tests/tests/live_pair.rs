@@ -69,7 +69,6 @@ fn backup_replays_the_primary_live_and_matches_it() {
 }
 
 #[test]
-#[ignore = "regression under investigation: since the clock-device kernel (guest-time merge) the command typed into a primary's shell is not run (the guest spins at ~10k positions/s after its prompt); `twinvm run` takes typed input (boot.rs). Before that merge this test reached the held-output check. Run with --ignored."]
 fn primary_output_waits_for_the_backups_acks() {
     let console = scratch("backup-ticks.console");
     let status = scratch("primary.status");

@@ -1269,9 +1269,12 @@ impl Machine {
             // The timer may not starve the other lines: while one of them waits to be
             // delivered, IRQ 0 is not raised (its rises coalesce in the PIT, and the guest's
             // clocksource loses no time by it). A tick the guest has not taken yet is
-            // coalesced by the PIC.
-            let others_wait = self.devices.pic.has_interrupt()
-                && self.devices.pic.pending_lines() & !(1 << PIT_IRQ) != 0;
+            // coalesced by the PIC. "Waits" includes a line held back by an IRQ 0 in
+            // service: a guest whose timer handler outlasts its tick (single-stepped towards
+            // the window of the waiting line) would otherwise be given IRQ 0 again at every
+            // window, and the other line never (seen: a console line longer than the UART's
+            // FIFO was never read).
+            let others_wait = self.devices.pic.others_waiting(PIT_IRQ);
             if !others_wait && self.devices.pit.poll_irq(now) {
                 self.devices.pic.pulse(PIT_IRQ);
                 self.rr(|m| m.irq_line(pos, PIT_IRQ))?;

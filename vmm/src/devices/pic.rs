@@ -329,6 +329,18 @@ impl PicPair {
         u16::from(master) | (u16::from(slave) << 8)
     }
 
+    /// Whether a line other than `line` (0-15) waits to be delivered: requested in IRR and
+    /// unmasked (a slave line only while the master's cascade line is unmasked too), whether
+    /// or not a request of higher priority is in service at this moment. `has_interrupt` is
+    /// false while, say, IRQ 0 is in service and IRQ 4 waits behind it; this is not.
+    pub fn others_waiting(&self, line: u8) -> bool {
+        let mut lines = self.pending_lines();
+        if self.master.imr & (1 << 2) != 0 {
+            lines &= 0x00ff;
+        }
+        lines & !(1u16 << line) != 0
+    }
+
     /// Interrupt mask register of the master (bits 0-7) and slave (bits 8-15).
     pub fn masks(&self) -> u16 {
         u16::from(self.master.imr) | (u16::from(self.slave.imr) << 8)
@@ -491,5 +503,31 @@ mod tests {
         p.set_irq(11, false);
         assert_eq!(p.ack(), Some(0x3f));
         assert!(!p.has_interrupt());
+    }
+
+    #[test]
+    fn a_line_behind_an_in_service_timer_still_counts_as_waiting() {
+        let mut p = linux_init();
+        p.pulse(0);
+        assert_eq!(p.ack(), Some(0x30));
+        // IRQ 4 arrives while IRQ 0 is in service: INTR stays low (lower priority)...
+        p.pulse(4);
+        assert!(!p.has_interrupt());
+        // ...but it waits, and the timer must not be raised in front of it again.
+        assert!(p.others_waiting(0));
+        assert!(!p.others_waiting(4));
+        // Masked, it does not wait.
+        p.write(Chip::Master, 1, 1 << 4);
+        assert!(!p.others_waiting(0));
+        p.write(Chip::Master, 1, 0);
+        // Once IRQ 0 is acknowledged by EOI, IRQ 4 is delivered and waits no more.
+        p.write(Chip::Master, 0, 0x60);
+        assert_eq!(p.ack(), Some(0x34));
+        assert!(!p.others_waiting(0));
+        // A slave line waits only while the cascade line is unmasked.
+        p.pulse(11);
+        assert!(p.others_waiting(0));
+        p.write(Chip::Master, 1, 1 << 2);
+        assert!(!p.others_waiting(0));
     }
 }
