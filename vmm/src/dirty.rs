@@ -121,7 +121,7 @@ mod tests {
 
     #[test]
     fn vmm_writes_reach_both_sets_and_each_set_resets_on_its_own() {
-        let mem = crate::memory::create_guest_memory(2).unwrap();
+        let mem = crate::memory::create_guest_memory(64).unwrap();
         let mut t = DirtyTracker::new(&mem);
         // Without a VM only the VMM's bitmap is read: fold it by hand as `collect` does.
         mem.write_slice(&[1u8; 8], GuestAddress(3 * PAGE_SIZE))
