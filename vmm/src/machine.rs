@@ -43,7 +43,7 @@ pub const MAX_STEPS: u64 = 500;
 /// Whether `insn` is `pushf` (with an optional operand-size or REX prefix).
 /// Quanta a run of guest kernel code may last before it is preempted (see
 /// `Machine::maybe_preempt`).
-const KERNEL_QUANTA: u32 = 1_000_000;
+const KERNEL_QUANTA: u32 = 10_000;
 
 /// Pages one preemption entry carries (a log entry's payload is at most 1 MiB).
 const PREEMPT_PAGES_PER_ENTRY: usize = 200;
