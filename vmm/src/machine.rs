@@ -25,7 +25,10 @@ use crate::devices::clock::{Clock, CLOCK_BASE, CLOCK_LEN};
 use crate::devices::pic::{Chip, PicPair};
 use crate::devices::pit::Pit;
 use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::{cmos::Cmos, PioBus};
+use crate::devices::{
+    cmos::{Cmos, RtcNow},
+    PioBus,
+};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
 use crate::vstate::{self, KickArm, VcpuKick, VstateError};
@@ -390,6 +393,15 @@ impl Devices {
         }
     }
 
+    /// The time as the RTC sees it: the host's clocks, and the guest's as it last read it.
+    fn rtc_now(&self, clock: &HostClock) -> RtcNow {
+        RtcNow {
+            wall_ns: clock.wall_ns(),
+            mono_ns: clock.mono_ns(),
+            seen_ns: self.clock.seen_ns(),
+        }
+    }
+
     /// One byte-wide guest read of `port`. Unclaimed ports float high, as on a PC.
     fn read_byte(&mut self, port: u16, clock: &HostClock) -> u8 {
         match self.bus.resolve(u64::from(port)) {
@@ -397,7 +409,7 @@ impl Devices {
             Some((Dev::Elcr, off)) => self.pic.read_elcr(off),
             Some((Dev::Pit, off)) => self.pit.read(off, clock.mono_ns()),
             Some((Dev::Port61, _)) => self.pit.read_port61(clock.mono_ns()),
-            Some((Dev::Cmos, off)) => self.cmos.read(off, clock.wall_ns()),
+            Some((Dev::Cmos, off)) => self.cmos.read(off, self.rtc_now(clock)),
             Some((Dev::Serial, off)) => self.serial.read(off),
             Some((Dev::Clock, off)) => {
                 let mut b = [0u8];
@@ -415,7 +427,7 @@ impl Devices {
             Some((Dev::Elcr, off)) => self.pic.write_elcr(off, val),
             Some((Dev::Pit, off)) => self.pit.write(off, val, clock.mono_ns()),
             Some((Dev::Port61, _)) => self.pit.write_port61(val, clock.mono_ns()),
-            Some((Dev::Cmos, off)) => self.cmos.write(off, val, clock.wall_ns()),
+            Some((Dev::Cmos, off)) => self.cmos.write(off, val, self.rtc_now(clock)),
             Some((Dev::Serial, off)) => self.serial.write(off, val),
             Some((Dev::Clock, _)) | None => {}
         }
