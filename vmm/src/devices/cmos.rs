@@ -11,7 +11,10 @@
 //! anchored at the time the guest had last read: a function of the log, the same on both
 //! sides of a pair. So a guest that set its RTC while a backup replayed it reads, once the
 //! backup is live, a time that carries on from what it set (the live clock continues from the
-//! replayed guest time), not one computed against the replay's stopped clock.
+//! replayed guest time), not one computed against the replay's stopped clock. (One corner
+//! stays host-dependent: a guest that sets only some of the time registers of a never-set
+//! RTC keeps the others, and the weekday, from the host's wall clock, which a replay does
+//! not have; Linux writes all but the weekday, which it never reads.)
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -348,12 +351,23 @@ mod tests {
         read_at(c, idx, at(wall))
     }
 
-    /// The guest sets the year to 2030 (keeping the rest) as `hwclock -w` does.
+    /// The guest sets 2030-11-26 01:02:03, every field, as Linux's `mc146818_set_time`
+    /// (`hwclock -w`) does.
     fn set_year_2030(c: &mut Cmos, now: RtcNow) {
         c.write(0, REG_B, now);
         c.write(1, REG_B_SET | REG_B_24H, now);
-        c.write(0, REG_YEAR, now);
-        c.write(1, 0x30, now);
+        for (reg, v) in [
+            (REG_SECONDS, 0x03),
+            (REG_MINUTES, 0x02),
+            (REG_HOURS, 0x01),
+            (REG_DAY, 0x26),
+            (REG_MONTH, 0x11),
+            (REG_YEAR, 0x30),
+            (REG_CENTURY, 0x20),
+        ] {
+            c.write(0, reg, now);
+            c.write(1, v, now);
+        }
         c.write(0, REG_B, now);
         c.write(1, REG_B_24H, now);
     }
@@ -429,7 +443,7 @@ mod tests {
         set_year_2030(
             &mut recorded,
             RtcNow {
-                wall_ns: T,
+                wall_ns: T + 86_400 * SEC,
                 mono_ns: 40 * SEC + 1000,
                 seen_ns: 40 * SEC,
             },
