@@ -29,6 +29,7 @@ use crate::devices::{
     cmos::{Cmos, RtcNow},
     PioBus,
 };
+use crate::ft::Role;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
 use crate::vstate::{self, KickArm, VcpuKick, VstateError};
@@ -82,11 +83,11 @@ pub struct VmConfig {
     pub digest_interval: u64,
     /// A file the loop rewrites about once a second with its role and progress (JSON).
     pub status_file: Option<PathBuf>,
-    /// The role reported there (`alone`, `recording`, `replaying`, `primary`, `backup`).
-    pub role: String,
+    /// The role reported there.
+    pub role: Role,
     /// The TAP the NIC receives from and sends to in a live run (the NIC itself is present
-    /// when the command line announces it; see [`crate::nic`]). A backup opens it only when
-    /// it goes live.
+    /// when the command line announces it; see [`crate::nic`]). A backup is given its TAP,
+    /// opened at start-up, with [`Machine::set_standby_tap`].
     pub tap: Option<String>,
     /// Test only: at this position, flip one byte of guest memory behind the guest's back,
     /// so that the next digest must report a divergence.
@@ -96,9 +97,8 @@ pub struct VmConfig {
     pub page_trail: Option<(PathBuf, usize, Option<u64>)>,
 }
 
-/// Told of every role change of the machine (`primary`, `live-after-failover`, `alone`,
-/// `halted`, ...).
-pub type RoleListener = Box<dyn FnMut(&str) + Send>;
+/// Told of every role change of the machine.
+pub type RoleListener = Box<dyn FnMut(Role) + Send>;
 
 /// The answer to one [`Arbiter::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -562,12 +562,10 @@ pub struct Machine {
     console_hash: u64,
     console_bytes: u64,
     status_file: Option<PathBuf>,
-    role: String,
+    role: Role,
     status_written: Option<Instant>,
     /// The network card, if the command line announces one.
     nic: Option<crate::nic::Nic>,
-    /// The TAP to open when a backup goes live.
-    tap: Option<String>,
     /// Decides failover; without one, losing the peer halts.
     arbiter: Option<Box<dyn Arbiter>>,
     /// Where console output goes once a backup goes live.
@@ -671,7 +669,6 @@ impl Machine {
             console_hash: 0,
             console_bytes: 0,
             nic,
-            tap: cfg.tap.clone(),
             arbiter: None,
             live_console: None,
             role_listener: None,
@@ -686,7 +683,7 @@ impl Machine {
                 None => None,
             },
             status_file: cfg.status_file.clone(),
-            role: cfg.role.clone(),
+            role: cfg.role,
             status_written: None,
         };
         if machine.mode.primary_released().is_some() {
@@ -697,6 +694,18 @@ impl Machine {
             machine.replayed_output = Some(out);
         }
         Ok(machine)
+    }
+
+    /// Gives a backup's card the TAP it connects to if it goes live (opened at start-up,
+    /// before the backup can claim at the arbiter).
+    pub fn set_standby_tap(&mut self, tap: crate::tap::Tap) -> Result<(), MachineError> {
+        match &mut self.nic {
+            Some(nic) => {
+                nic.set_standby(tap);
+                Ok(())
+            }
+            None => Err(MachineError::NoNic(crate::nic::cmdline_words(None))),
+        }
     }
 
     /// A handle to stop the loop or feed it console input from other threads.
@@ -976,7 +985,7 @@ impl Machine {
         }
     }
 
-    fn set_role(&mut self, role: &str) {
+    fn set_role(&mut self, role: Role) {
         tracing::info!(
             "role: {} -> {role} at position {}",
             self.role,
@@ -987,7 +996,7 @@ impl Machine {
             self.role,
             self.position()
         );
-        self.role = role.to_string();
+        self.role = role;
         if let Some(l) = &mut self.role_listener {
             l(role);
         }
@@ -1007,7 +1016,7 @@ impl Machine {
             self.role
         );
         let Some(arbiter) = self.arbiter.as_mut() else {
-            self.set_role("halted");
+            self.set_role(Role::Halted);
             return Err(MachineError::Halted {
                 pos,
                 reason,
@@ -1031,7 +1040,7 @@ impl Machine {
                 }
                 Claim::Refused(why) => {
                     let what = arbiter.describe();
-                    self.set_role("halted");
+                    self.set_role(Role::Halted);
                     return Err(MachineError::ArbiterRefused {
                         pos,
                         reason,
@@ -1043,7 +1052,7 @@ impl Machine {
         };
         let what = arbiter.describe();
         if let Err(holder) = won {
-            self.set_role("halted");
+            self.set_role(Role::Halted);
             return Err(MachineError::Halted {
                 pos,
                 reason,
@@ -1062,9 +1071,9 @@ impl Machine {
         self.mode = Mode::Live;
         if backup {
             self.go_live()?;
-            self.set_role("live-after-failover");
+            self.set_role(Role::LiveAfterFailover);
         } else {
-            self.set_role("alone");
+            self.set_role(Role::Alone);
         }
         Ok(())
     }
@@ -1079,12 +1088,14 @@ impl Machine {
         if let Some(out) = self.live_console.take() {
             self.console_out = out;
         }
-        if let (Some(nic), Some(tap)) = (&mut self.nic, self.tap.clone()) {
-            nic.go_live(&tap)?;
-            let wake = self.handle.events.clone();
-            nic.spawn_watcher(move || wake.send(HostEvent::NetReady).is_ok())
-                .map_err(|e| crate::nic::NicError::Transport(format!("TAP watcher: {e}")))?;
-            nic.announce();
+        if let Some(nic) = &mut self.nic {
+            // The TAP was opened when the backup started (see `set_standby_tap`).
+            if nic.go_live()? {
+                let wake = self.handle.events.clone();
+                nic.spawn_watcher(move || wake.send(HostEvent::NetReady).is_ok())
+                    .map_err(|e| crate::nic::NicError::Transport(format!("TAP watcher: {e}")))?;
+                nic.announce();
+            }
         }
         self.emit_unreleased_output();
         Ok(())
@@ -1346,7 +1357,7 @@ impl Machine {
             return;
         };
         let mut v = serde_json::Map::new();
-        v.insert("role".into(), self.role.clone().into());
+        v.insert("role".into(), self.role.as_str().into());
         v.insert("state".into(), state.into());
         v.insert("position".into(), pos.into());
         v.insert("injected".into(), self.stats.injected.into());

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use logchannel::entry::LogHeader;
 use sha2::{Digest as _, Sha256};
 use vmm::console::{spawn_stdin_forwarder, TerminalGuard};
+use vmm::ft::Role;
 use vmm::machine::{HostEvent, Machine, RunOutcome, VmConfig};
 use vmm::rr::{Mode, Recorder, Replayer, RrError};
 
@@ -119,7 +120,7 @@ impl FailoverArgs {
     fn arbiter(
         &self,
         vm: &str,
-        role: &str,
+        role: Role,
     ) -> anyhow::Result<Option<Box<dyn vmm::machine::Arbiter>>> {
         let Some(addr) = &self.arbiter else {
             return Ok(None);
@@ -146,7 +147,7 @@ impl FailoverArgs {
             token_file: self.arbiter_token_file.clone(),
             vm: vm.to_string(),
             generation: self.generation,
-            name: self.claimant.clone().unwrap_or_else(|| role.to_string()),
+            name,
         })?;
         eprintln!(
             "twinvm: {role}: generation {} of VM {vm:?} is open at the arbiter {addr}; this side is {}",
@@ -476,7 +477,7 @@ impl GuestArgs {
             cpu: self.cpu,
             digest_interval: 0,
             status_file: self.status.clone(),
-            role: "alone".to_string(),
+            role: Role::Alone,
             tap: self.tap.clone(),
             corrupt_at: None,
             page_trail: self.trail.config(),
@@ -522,7 +523,7 @@ impl ReplayArgs {
             cpu: self.cpu,
             digest_interval: header.digest_interval,
             status_file: None,
-            role: "replaying".to_string(),
+            role: Role::Replaying,
             tap: None,
             corrupt_at: self.test_corrupt_at,
             page_trail: self.trail.config(),
@@ -811,11 +812,26 @@ fn spawn_output_releaser(
     })
 }
 
+/// The network a side of a pair would run the VM with, checked at start-up (see
+/// `vmm::ft::role::check_network`).
+fn check_network(guest: &GuestArgs, role: Role, may_go_live: bool) -> anyhow::Result<()> {
+    let nic = guest.nic || guest.tap.is_some() || guest.mac.is_some();
+    match vmm::ft::role::check_network(role, nic, guest.tap.is_some(), may_go_live)? {
+        vmm::ft::role::NetworkCheck::Fine => {}
+        vmm::ft::role::NetworkCheck::Warn(w) => {
+            tracing::warn!("{w}");
+            eprintln!("twinvm: WARNING: {w}");
+        }
+    }
+    Ok(())
+}
+
 fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
-    let arbiter = args.failover.arbiter(&args.vm_id, "primary")?;
+    check_network(&args.guest, Role::Primary, args.failover.arbiter.is_some())?;
+    let arbiter = args.failover.arbiter(&args.vm_id, Role::Primary)?;
     let mut cfg = args.guest.to_config()?;
     cfg.digest_interval = args.digest_interval;
-    cfg.role = "primary".to_string();
+    cfg.role = Role::Primary;
     let placement = place_recording(&mut cfg)?;
     let header = pair_header(&cfg, args.digest_interval, &args.vm_id, placement.cpuid)?;
     let addr = resolve(&args.backup)?;
@@ -893,10 +909,10 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             m.set_failover(
                 arbiter,
                 None,
-                Some(Box::new(move |role: &str| {
+                Some(Box::new(move |role: Role| {
                     let v = match role {
-                        "alone" => DECISION_ALONE,
-                        "halted" => DECISION_HALTED,
+                        Role::Alone => DECISION_ALONE,
+                        Role::Halted => DECISION_HALTED,
                         _ => return,
                     };
                     d.store(v, std::sync::atomic::Ordering::Release);
@@ -925,9 +941,19 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
 }
 
 fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
-    let arbiter = args.failover.arbiter(&args.vm_id, "backup")?;
+    check_network(&args.guest, Role::Backup, args.failover.arbiter.is_some())?;
     let mut cfg = args.guest.to_config()?;
-    cfg.role = "backup".to_string();
+    cfg.role = Role::Backup;
+    // Everything the live side needs is opened now, before this side can win the arbiter:
+    // the TAP stays open, unread, until the backup goes live.
+    let standby = match &cfg.tap {
+        Some(name) => Some(
+            vmm::tap::Tap::open(name)
+                .with_context(|| format!("the backup's TAP {name}, which it would go live on"))?,
+        ),
+        None => None,
+    };
+    let arbiter = args.failover.arbiter(&args.vm_id, Role::Backup)?;
     let listener =
         logchannel::transport::LogListener::bind(resolve(&args.listen)?, args.channel.config())?
             .with_pair_secret(args.channel.pair_secret()?);
@@ -977,6 +1003,9 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         console,
         true,
         move |m| {
+            if let Some(tap) = standby {
+                m.set_standby_tap(tap)?;
+            }
             m.set_failover(arbiter, Some(Box::new(std::io::stdout())), None);
             Ok(())
         },
