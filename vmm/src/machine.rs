@@ -100,28 +100,7 @@ pub struct VmConfig {
 /// Told of every role change of the machine.
 pub type RoleListener = Box<dyn FnMut(Role) + Send>;
 
-/// The answer to one [`Arbiter::claim`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// This side holds the pair's generation: it goes on alone.
-    Won,
-    /// Another side holds it (or it is stale): this side halts. Says who holds it.
-    Lost(String),
-    /// No answer could be had (unreachable, timeouts, a server error): asked again, the
-    /// guest paused meanwhile.
-    Unreachable(String),
-    /// The arbiter refused the claim in a way that asking again will not change (a wrong
-    /// token, a bad id, a generation that is not open): this side halts at once.
-    Refused(String),
-}
-
-/// What decides, when one side of a live pair loses the other, which one goes on.
-pub trait Arbiter: Send {
-    /// Asks for the right to go on alone.
-    fn claim(&mut self) -> Claim;
-    /// Who is asking and for what, for messages.
-    fn describe(&self) -> String;
-}
+pub use crate::ft::failover::{Arbiter, Claim};
 
 /// Errors of the machine.
 #[derive(Debug, thiserror::Error)]
@@ -1004,64 +983,37 @@ impl Machine {
         self.write_status_now(pos, "running");
     }
 
-    /// The peer is gone: ask the arbiter whether this side goes on. The winner goes on alone
-    /// (a backup goes live first); the loser halts at once. Without an arbiter, or while the
-    /// arbiter does not answer, nobody goes on: that is what prevents split brain.
+    /// The peer is gone: the failover state machine ([`crate::ft::failover::settle`]) asks
+    /// the arbiter whether this side goes on. The winner goes on alone (a backup goes live
+    /// first); the loser halts at once.
     fn failover(&mut self, lost: &RrError) -> Result<(), MachineError> {
+        use crate::ft::failover::{settle, NotWon};
         let pos = self.position();
         let reason = lost.to_string();
-        let backup = self.mode.is_replay();
         eprintln!(
             "twinvm: {} lost its peer at position {pos}: {reason}",
             self.role
         );
-        let Some(arbiter) = self.arbiter.as_mut() else {
-            self.set_role(Role::Halted);
-            return Err(MachineError::Halted {
-                pos,
-                reason,
-                what: "no arbiter is configured (--arbiter), so this side may not go on alone"
-                    .into(),
-            });
-        };
-        let t0 = Instant::now();
-        let won = loop {
-            if self.handle.stop.load(Ordering::Acquire) {
-                return Err(RrError::Interrupted.into());
+        let won = match settle(self.role, self.arbiter.as_deref_mut(), &self.handle.stop) {
+            Ok(won) => won,
+            Err(NotWon::Interrupted) => return Err(RrError::Interrupted.into()),
+            Err(NotWon::Halted(what)) => {
+                self.set_role(Role::Halted);
+                return Err(MachineError::Halted { pos, reason, what });
             }
-            match arbiter.claim() {
-                Claim::Won => break Ok(()),
-                Claim::Lost(holder) => break Err(holder),
-                Claim::Unreachable(e) => {
-                    eprintln!(
-                        "twinvm: the arbiter did not answer ({e}); the guest stays paused until it does"
-                    );
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Claim::Refused(why) => {
-                    let what = arbiter.describe();
-                    self.set_role(Role::Halted);
-                    return Err(MachineError::ArbiterRefused {
-                        pos,
-                        reason,
-                        what,
-                        why,
-                    });
-                }
+            Err(NotWon::Refused { what, why }) => {
+                self.set_role(Role::Halted);
+                return Err(MachineError::ArbiterRefused {
+                    pos,
+                    reason,
+                    what,
+                    why,
+                });
             }
         };
-        let what = arbiter.describe();
-        if let Err(holder) = won {
-            self.set_role(Role::Halted);
-            return Err(MachineError::Halted {
-                pos,
-                reason,
-                what: format!("the arbiter gave {what} to the other side ({holder})"),
-            });
-        }
         eprintln!(
-            "twinvm: won {what} after {:.0?}; going on alone at position {pos}",
-            t0.elapsed()
+            "twinvm: won {} after {:.0?}; going on alone at position {pos}",
+            won.what, won.after
         );
         // What the primary last said it had released, before the channel is let go.
         if let (Some(out), Some((c, f))) = (&mut self.replayed_output, self.mode.primary_released())
@@ -1069,12 +1021,10 @@ impl Machine {
             out.trim(c, f);
         }
         self.mode = Mode::Live;
-        if backup {
+        if won.role == Role::LiveAfterFailover {
             self.go_live()?;
-            self.set_role(Role::LiveAfterFailover);
-        } else {
-            self.set_role(Role::Alone);
         }
+        self.set_role(won.role);
         Ok(())
     }
 

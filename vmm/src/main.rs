@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use logchannel::entry::LogHeader;
 use sha2::{Digest as _, Sha256};
 use vmm::console::{spawn_stdin_forwarder, TerminalGuard};
+use vmm::ft::output::{spawn_output_releaser, Decision, HeldOutput, SharedDecision};
 use vmm::ft::Role;
 use vmm::machine::{HostEvent, Machine, RunOutcome, VmConfig};
 use vmm::rr::{Mode, Recorder, Replayer, RrError};
@@ -681,137 +682,6 @@ fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
         .with_context(|| format!("address {addr:?} resolves to nothing"))
 }
 
-/// The primary's console: output is handed to a thread that writes it to standard output
-/// only once the backup has acknowledged every log entry sent before it was produced (the
-/// output rule), while the guest keeps running.
-#[derive(Clone)]
-struct HeldOutput {
-    sender: Arc<logchannel::transport::LogSender>,
-    tx: std::sync::mpsc::Sender<Held>,
-}
-
-/// One piece of output waiting for the backup's ack of log entry `seq`.
-struct Held {
-    seq: u64,
-    what: HeldKind,
-    at: std::time::Instant,
-}
-
-enum HeldKind {
-    Console(Vec<u8>),
-    Frame(Vec<u8>),
-}
-
-impl HeldOutput {
-    fn hold(&self, what: HeldKind) -> bool {
-        let held = Held {
-            seq: self.sender.sent_seq(),
-            what,
-            at: std::time::Instant::now(),
-        };
-        self.tx.send(held).is_ok()
-    }
-}
-
-impl std::io::Write for HeldOutput {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if !self.hold(HeldKind::Console(buf.to_vec())) {
-            return Err(std::io::Error::other("the output thread has ended"));
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl vmm::nic::FrameSink for HeldOutput {
-    fn frame(&mut self, frame: Vec<u8>) {
-        if !self.hold(HeldKind::Frame(frame)) {
-            tracing::warn!("a transmitted frame was dropped: the output thread has ended");
-        }
-    }
-}
-
-/// What the output rule measured: the delay it added to each chunk of output.
-#[derive(Debug, Default)]
-struct OutputDelays {
-    delays: Vec<std::time::Duration>,
-    bytes: u64,
-    frames: u64,
-}
-
-impl OutputDelays {
-    fn percentile(&self, p: f64) -> std::time::Duration {
-        let mut d = self.delays.clone();
-        d.sort();
-        if d.is_empty() {
-            return std::time::Duration::ZERO;
-        }
-        d[((d.len() - 1) as f64 * p).round() as usize]
-    }
-}
-
-/// What became of a primary whose backup is gone (see `spawn_output_releaser`).
-const DECISION_PENDING: u8 = 0;
-const DECISION_ALONE: u8 = 1;
-const DECISION_HALTED: u8 = 2;
-
-fn spawn_output_releaser(
-    sender: Arc<logchannel::transport::LogSender>,
-    rx: std::sync::mpsc::Receiver<Held>,
-    tap_rx: std::sync::mpsc::Receiver<Option<vmm::nic::TapWriter>>,
-    decision: Arc<std::sync::atomic::AtomicU8>,
-) -> std::thread::JoinHandle<OutputDelays> {
-    std::thread::spawn(move || {
-        let mut out = std::io::stdout();
-        let mut stats = OutputDelays::default();
-        // The TAP writer comes once the machine (which opens the TAP) exists.
-        let mut tap = tap_rx.recv().ok().flatten();
-        for Held { seq, what, at } in rx {
-            // Held until acknowledged. If the backup is lost first, the output waits for the
-            // arbiter: released if this primary goes on alone, dropped for good if it halts
-            // (the backup that took over produces it instead).
-            use std::sync::atomic::Ordering::Acquire;
-            loop {
-                if decision.load(Acquire) == DECISION_ALONE {
-                    break;
-                }
-                match sender.wait_acked_seq(seq, std::time::Duration::from_millis(200)) {
-                    Ok(true) => break,
-                    Ok(false) => continue,
-                    Err(_) => match decision.load(Acquire) {
-                        DECISION_ALONE => break,
-                        DECISION_HALTED => return stats,
-                        _ => std::thread::sleep(std::time::Duration::from_millis(20)),
-                    },
-                }
-            }
-            stats.delays.push(at.elapsed());
-            match what {
-                HeldKind::Console(bytes) => {
-                    stats.bytes += bytes.len() as u64;
-                    use std::io::Write as _;
-                    let _ = out.write_all(&bytes).and_then(|()| out.flush());
-                }
-                HeldKind::Frame(frame) => {
-                    stats.frames += 1;
-                    if let Some(t) = &mut tap {
-                        if let Err(e) = t.write_frame(&frame) {
-                            tracing::warn!("TAP write of a {}-byte frame: {e}", frame.len());
-                        }
-                    }
-                }
-            }
-            // The backup learns how far the outside world has seen the output, so that, if
-            // it goes live, it re-emits only what came after (at least once, never lost).
-            sender.set_released(stats.bytes, stats.frames);
-        }
-        stats
-    })
-}
-
 /// The network a side of a pair would run the VM with, checked at start-up (see
 /// `vmm::ft::role::check_network`).
 fn check_network(guest: &GuestArgs, role: Role, may_go_live: bool) -> anyhow::Result<()> {
@@ -858,7 +728,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let sender = Arc::new(sender);
     let (tx, rx) = std::sync::mpsc::channel();
     let (tap_tx, tap_rx) = std::sync::mpsc::channel();
-    let decision = Arc::new(std::sync::atomic::AtomicU8::new(DECISION_PENDING));
+    let decision = SharedDecision::default();
     let releaser = spawn_output_releaser(sender.clone(), rx, tap_rx, decision.clone());
     let recorder = Recorder::live(
         sender.clone(),
@@ -870,10 +740,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             replay_min_positions: args.min_replay_lag_positions,
         },
     );
-    let out = HeldOutput {
-        sender: sender.clone(),
-        tx,
-    };
+    let out = HeldOutput::new(sender.clone(), tx);
     let frames = out.clone();
     let decided = decision.clone();
     let watched = sender.clone();
@@ -909,21 +776,14 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             m.set_failover(
                 arbiter,
                 None,
-                Some(Box::new(move |role: Role| {
-                    let v = match role {
-                        Role::Alone => DECISION_ALONE,
-                        Role::Halted => DECISION_HALTED,
-                        _ => return,
-                    };
-                    d.store(v, std::sync::atomic::Ordering::Release);
-                })),
+                Some(Box::new(move |role: Role| d.follow(role))),
             );
             Ok(())
         },
     );
     machine_done.store(true, std::sync::atomic::Ordering::Release);
     if result.is_err() {
-        decision.store(DECISION_HALTED, std::sync::atomic::Ordering::Release);
+        decision.set(Decision::Halted);
     }
     // The machine (and its HeldOutput) is gone: the releaser drains what is held.
     let delays = releaser.join().unwrap_or_default();
