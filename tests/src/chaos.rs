@@ -429,6 +429,15 @@ fn stray_connection(from: &Host, to: &str, rng: &mut Rng) -> String {
     }
 }
 
+/// Raises a stop flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Progress messages.
 pub type Say<'a> = &'a mut dyn FnMut(&str);
 
@@ -523,6 +532,8 @@ pub fn run_once(seed: u64, say: Say<'_>) -> RunReport {
         .wait_for("twinvm-counter: listening", 0, BOOT_TIMEOUT);
     say(&format!("pair up after {:.0?}", t0.elapsed()));
     let stop = Arc::new(AtomicBool::new(false));
+    // The sampler and the client stop also when the run panics.
+    let _stop_guard = StopOnDrop(stop.clone());
     let sampler = spawn_sampler(
         [
             (primary.vm.pid, primary.status.clone()),
