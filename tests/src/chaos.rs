@@ -278,9 +278,20 @@ fn spawn_client(
             l.done = true;
         };
         let service: SocketAddr = format!("{GUEST_IP}:7000").parse().expect("address");
-        let s = match connect_from(&client, service, Duration::from_secs(60)) {
-            Ok(s) => s,
-            Err(e) => return fail(format!("client: cannot connect to the guest: {e}")),
+        // The ticker script says the service is listening as it starts it: a refused
+        // connection is tried again for a while.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let s = loop {
+            match connect_from(&client, service, Duration::from_secs(60)) {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return fail(format!("client: cannot connect to the guest: {e}")),
+            }
         };
         let _ = s.set_read_timeout(Some(ANSWER_TIMEOUT));
         let mut w: TcpStream = match s.try_clone() {
@@ -544,6 +555,16 @@ pub fn run_once(seed: u64, say: Say<'_>) -> RunReport {
     );
     let client_log = Arc::new(Mutex::new(ClientLog::default()));
     let client_thread = spawn_client(client.clone(), stop.clone(), client_log.clone());
+    // Faults start once the client is served.
+    let first = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < first {
+        let l = client_log.lock().unwrap();
+        if !l.answers.is_empty() || l.done {
+            break;
+        }
+        drop(l);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Harmless faults, then the one that ends the pair.
     for _ in 0..rng.range(0, 2) {
@@ -621,7 +642,7 @@ pub fn run_once(seed: u64, say: Say<'_>) -> RunReport {
                 l.done,
             )
         };
-        if (after >= ANSWERS_AFTER && stopped_until.is_none() && arbiter.is_some()) || done {
+        if (after >= ANSWERS_AFTER || done) && stopped_until.is_none() && arbiter.is_some() {
             break;
         }
         if Instant::now() > deadline {
