@@ -10,6 +10,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 pub mod bench;
+pub mod chaos;
 pub mod netns;
 pub mod soak;
 pub mod timecheck;

@@ -130,6 +130,20 @@ impl Topology {
             .expect("ip netns exec")
     }
 
+    /// Drops (`on`) or stops dropping everything `host` sends to `to`, with a blackhole
+    /// route: a one-way cut (what `to` sends still arrives).
+    pub fn blackhole(host: &Host, to: &str, on: bool) {
+        let dst = format!("{to}/32");
+        ip(&[
+            "-n",
+            &host.netns,
+            "route",
+            if on { "add" } else { "del" },
+            "blackhole",
+            &dst,
+        ]);
+    }
+
     /// Takes a link of `host` down or up (to cut it off).
     pub fn set_link(host: &Host, dev: &str, up: bool) {
         ip(&[
@@ -204,6 +218,16 @@ impl Drop for ArbiterProcess {
 /// token file is written (mode 0600) only if missing, so an arbiter restarted on the same
 /// `dir` keeps its token and its decisions.
 pub fn start_arbiter(host: &Host, dir: &Path) -> std::io::Result<ArbiterProcess> {
+    start_arbiter_logged(host, dir, None)
+}
+
+/// [`start_arbiter`], appending the arbiter's log (its decisions, at level info, without
+/// colours) to `log` if given.
+pub fn start_arbiter_logged(
+    host: &Host,
+    dir: &Path,
+    log: Option<&Path>,
+) -> std::io::Result<ArbiterProcess> {
     let token = dir.join("arbiter.token");
     if !token.exists() {
         std::fs::write(&token, format!("twinvm-test-secret-{}", std::process::id()))?;
@@ -218,9 +242,19 @@ pub fn start_arbiter(host: &Host, dir: &Path) -> std::io::Result<ArbiterProcess>
         .arg(dir.join("arbiter-data"))
         .arg("--token-file")
         .arg(&token)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match log {
+            Some(p) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+            None => Stdio::null(),
+        })
         .spawn()?;
     let token = token
         .to_str()

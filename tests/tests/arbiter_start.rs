@@ -215,3 +215,50 @@ fn a_wrong_arbiter_token_is_an_error_before_the_guest_boots() {
         "{err}"
     );
 }
+
+/// Issue #11, finding 10: whatever the live side needs is opened and checked at start-up,
+/// before the side can win the arbiter. A backup that may go live and gives the guest a card
+/// without a TAP, or a primary that does the same, is refused; so is a backup whose TAP
+/// cannot be opened (it used to find out only at go-live, after winning: nobody ran the VM).
+#[test]
+fn a_side_that_could_go_live_without_its_network_is_refused_at_start() {
+    let arb = LocalArbiter::start("net");
+    for side in ["backup", "primary"] {
+        let mut args = pair_args(side, &arb.addr, &arb.token, "1");
+        args.push("--nic");
+        let (status, err) = twinvm(&args, Duration::from_secs(60));
+        assert_eq!(status, Some(1), "{side}: {err}");
+        assert!(
+            err.contains(&format!(
+                "the {side} gives the guest a network card (--nic/--mac) but no TAP (--tap)"
+            )),
+            "{side}: {err}"
+        );
+        assert!(!err.contains("listening on"), "{side}: {err}");
+    }
+    // Without an arbiter a backup never goes live: it may match its primary's card alone.
+    let (status, err) = twinvm(
+        &["backup", "--listen", "127.0.0.1:0", "--nic"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        status, None,
+        "the backup should wait for its primary: {err}"
+    );
+    assert!(err.contains("backup listening on"), "{err}");
+}
+
+#[test]
+fn a_backup_whose_tap_cannot_be_opened_fails_before_it_listens() {
+    let arb = LocalArbiter::start("tap");
+    let mut args = pair_args("backup", &arb.addr, &arb.token, "1");
+    // Longer than IFNAMSIZ allows: no TAP can have this name.
+    args.extend(["--tap", "twinvm-no-such-tap-name"]);
+    let (status, err) = twinvm(&args, Duration::from_secs(60));
+    assert_eq!(status, Some(1), "{err}");
+    assert!(
+        err.contains("the backup's TAP twinvm-no-such-tap-name"),
+        "{err}"
+    );
+    assert!(!err.contains("listening on"), "{err}");
+}

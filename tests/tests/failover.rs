@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use twinvm_tests::netns::{
     connect_from, start_arbiter, ArbiterProcess, Host, Topology, GUEST_IP, PREFIX,
 };
-use twinvm_tests::{Vm, BOOT_TIMEOUT};
+use twinvm_tests::{Vm, BOOT_TIMEOUT, PROMPT};
 
 fn ask(reader: &mut BufReader<std::net::TcpStream>, s: &mut std::net::TcpStream, req: &str) -> u64 {
     writeln!(s, "{req}").unwrap();
@@ -42,6 +42,24 @@ fn start_pair(name: &str, direct: bool) -> Pair {
 
 /// [`start_pair`], with extra arguments for the backup and the guest's run script.
 fn start_pair_with(name: &str, direct: bool, backup_extra: &[&str], run: &str) -> Pair {
+    start_pair_guest(
+        name,
+        direct,
+        backup_extra,
+        &format!("twinvm.run={run}"),
+        "twinvm-counter: listening",
+    )
+}
+
+/// [`start_pair_with`], with the guest's own command-line words (`twinvm.run=...` or none,
+/// for an interactive shell) and what the primary's console shows when the guest is ready.
+fn start_pair_guest(
+    name: &str,
+    direct: bool,
+    backup_extra: &[&str],
+    guest: &str,
+    ready: &str,
+) -> Pair {
     let mut topo = Topology::new();
     let primary = topo.host("primary", 11, true);
     let backup = topo.host("backup", 12, true);
@@ -56,7 +74,7 @@ fn start_pair_with(name: &str, direct: bool, backup_extra: &[&str], run: &str) -
     std::fs::create_dir_all(&dir).unwrap();
     let arbiter = start_arbiter(&arb, &dir).expect("start the arbiter");
     let (arb_addr, token) = (arbiter.addr.clone(), arbiter.token.clone());
-    let append = format!("twinvm.ip={GUEST_IP}/{PREFIX} twinvm.run={run}");
+    let append = format!("twinvm.ip={GUEST_IP}/{PREFIX} {guest}");
     let listen = format!("{listen_ip}:7300");
     let common = [
         "--tap",
@@ -85,7 +103,7 @@ fn start_pair_with(name: &str, direct: bool, backup_extra: &[&str], run: &str) -
     let mut p_args = vec!["primary", "--backup", &listen];
     p_args.extend_from_slice(&common);
     let mut pvm = Vm::spawn_in(Some(&primary.netns), &p_args);
-    pvm.wait_for("twinvm-counter: listening", 0, BOOT_TIMEOUT);
+    pvm.wait_for(ready, 0, BOOT_TIMEOUT);
     Pair {
         topo,
         primary_host: primary,
@@ -352,6 +370,80 @@ fn console_output_survives_the_failover_at_least_once_and_in_order() {
         "the backup repeated {repeated} lines: {seen:?}"
     );
     eprintln!("console across the failover: the primary printed up to tick {last}; {repeated} line(s) repeated");
+    pair.backup.signal(libc::SIGTERM);
+    pair.backup.wait_exit(Duration::from_secs(60));
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// The numbers after `marker` on one line of `console`.
+fn numbers_after(console: &str, marker: &str) -> Option<Vec<i64>> {
+    let i = console.find(marker)?;
+    let line = console[i + marker.len()..].lines().next()?;
+    line.split_whitespace()
+        .take_while(|w| !w.starts_with("end-"))
+        .map(|w| w.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_guest_that_set_its_rtc_reads_it_on_after_failover() {
+    // An interactive shell (typed commands), with the counter service in the background.
+    let mut pair = start_pair_guest("rtc", false, &[], "twinvm.svc=counter", PROMPT);
+    // The guest sets its clock a day ahead and writes it to the RTC while the backup
+    // replays it: the backup's RTC model sees the writes with its replay clock stopped.
+    let ahead = 86_400;
+    let at = pair.primary.console_len();
+    // `$((1+1))`: the shell's echo of the typed line does not match what it prints.
+    pair.primary.type_text(&format!(
+        "date -s @{} >/dev/null && hwclock -w -u && echo rtc-set-$((1+1))\n",
+        unix_now() + ahead
+    ));
+    pair.primary
+        .wait_for("rtc-set-2\r\n", at, Duration::from_secs(300));
+    pair.primary.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    pair.primary.wait_exit(Duration::from_secs(30));
+    pair.backup
+        .wait_for_stderr("-> live-after-failover", BOOT_TIMEOUT);
+    let takeover = killed.elapsed().as_secs() as i64;
+    let at = pair.backup.console_len();
+    pair.backup.type_text(
+        "echo rtc-now-$((2+2)) $(cat /sys/class/rtc/rtc0/since_epoch) $(date +%s) end-$((3+3))\n",
+    );
+    pair.backup.wait_for(" end-6", at, Duration::from_secs(300));
+    let console = pair.backup.console();
+    let asked = unix_now();
+    let got = numbers_after(&console[at..], "rtc-now-4 ")
+        .unwrap_or_else(|| panic!("no RTC reading on the survivor's console: {console}"));
+    let [rtc, sys] = got[..] else {
+        panic!("expected the RTC and the system time: {got:?} in {console}");
+    };
+    // The guest's clock carries on from the replayed time: behind the host's by at most the
+    // takeover (the guest did not run meanwhile), never ahead.
+    let want = asked + ahead;
+    let slack = 10;
+    for (what, t) in [("RTC", rtc), ("system time", sys)] {
+        assert!(
+            t <= want + slack && t >= want - takeover - slack,
+            "the survivor's {what} reads {t}, want {want} (takeover {takeover} s; {} s off)",
+            t - want
+        );
+    }
+    assert!(
+        (rtc - sys).abs() <= 2,
+        "RTC {rtc} and system time {sys} disagree"
+    );
+    eprintln!(
+        "after failover: RTC {} s, system time {} s from the host's + 1 day (takeover {takeover} s)",
+        rtc - want,
+        sys - want
+    );
     pair.backup.signal(libc::SIGTERM);
     pair.backup.wait_exit(Duration::from_secs(60));
 }

@@ -24,8 +24,12 @@ use crate::devices::clock::{Clock, CLOCK_BASE, CLOCK_LEN};
 use crate::devices::pic::{Chip, PicPair};
 use crate::devices::pit::Pit;
 use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::{cmos::Cmos, PioBus};
+use crate::devices::{
+    cmos::{Cmos, RtcNow},
+    PioBus,
+};
 use crate::dirty::{DirtyTracker, PAGE_SIZE};
+use crate::ft::Role;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
 use crate::vcpu_state::VcpuState;
@@ -87,11 +91,11 @@ pub struct VmConfig {
     pub digest_interval: u64,
     /// A file the loop rewrites about once a second with its role and progress (JSON).
     pub status_file: Option<PathBuf>,
-    /// The role reported there (`alone`, `recording`, `replaying`, `primary`, `backup`).
-    pub role: String,
+    /// The role reported there.
+    pub role: Role,
     /// The TAP the NIC receives from and sends to in a live run (the NIC itself is present
-    /// when the command line announces it; see [`crate::nic`]). A backup opens it only when
-    /// it goes live.
+    /// when the command line announces it; see [`crate::nic`]). A backup is given its TAP,
+    /// opened at start-up, with [`Machine::set_standby_tap`].
     pub tap: Option<String>,
     /// Test only: at this position, flip one byte of guest memory behind the guest's back,
     /// so that the next digest must report a divergence.
@@ -105,32 +109,10 @@ pub struct VmConfig {
     pub preempt_quantum: Option<Duration>,
 }
 
-/// Told of every role change of the machine (`primary`, `live-after-failover`, `alone`,
-/// `halted`, ...).
-pub type RoleListener = Box<dyn FnMut(&str) + Send>;
+/// Told of every role change of the machine.
+pub type RoleListener = Box<dyn FnMut(Role) + Send>;
 
-/// The answer to one [`Arbiter::claim`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// This side holds the pair's generation: it goes on alone.
-    Won,
-    /// Another side holds it (or it is stale): this side halts. Says who holds it.
-    Lost(String),
-    /// No answer could be had (unreachable, timeouts, a server error): asked again, the
-    /// guest paused meanwhile.
-    Unreachable(String),
-    /// The arbiter refused the claim in a way that asking again will not change (a wrong
-    /// token, a bad id, a generation that is not open): this side halts at once.
-    Refused(String),
-}
-
-/// What decides, when one side of a live pair loses the other, which one goes on.
-pub trait Arbiter: Send {
-    /// Asks for the right to go on alone.
-    fn claim(&mut self) -> Claim;
-    /// Who is asking and for what, for messages.
-    fn describe(&self) -> String;
-}
+pub use crate::ft::failover::{Arbiter, Claim};
 
 /// Errors of the machine.
 #[derive(Debug, thiserror::Error)]
@@ -419,6 +401,15 @@ impl Devices {
         }
     }
 
+    /// The time as the RTC sees it: the host's clocks, and the guest's as it last read it.
+    fn rtc_now(&self, clock: &HostClock) -> RtcNow {
+        RtcNow {
+            wall_ns: clock.wall_ns(),
+            mono_ns: clock.mono_ns(),
+            seen_ns: self.clock.seen_ns(),
+        }
+    }
+
     /// One byte-wide guest read of `port`. Unclaimed ports float high, as on a PC.
     fn read_byte(&mut self, port: u16, clock: &HostClock) -> u8 {
         match self.bus.resolve(u64::from(port)) {
@@ -426,7 +417,7 @@ impl Devices {
             Some((Dev::Elcr, off)) => self.pic.read_elcr(off),
             Some((Dev::Pit, off)) => self.pit.read(off, clock.mono_ns()),
             Some((Dev::Port61, _)) => self.pit.read_port61(clock.mono_ns()),
-            Some((Dev::Cmos, off)) => self.cmos.read(off, clock.wall_ns()),
+            Some((Dev::Cmos, off)) => self.cmos.read(off, self.rtc_now(clock)),
             Some((Dev::Serial, off)) => self.serial.read(off),
             Some((Dev::Clock, off)) => {
                 let mut b = [0u8];
@@ -444,7 +435,7 @@ impl Devices {
             Some((Dev::Elcr, off)) => self.pic.write_elcr(off, val),
             Some((Dev::Pit, off)) => self.pit.write(off, val, clock.mono_ns()),
             Some((Dev::Port61, _)) => self.pit.write_port61(val, clock.mono_ns()),
-            Some((Dev::Cmos, off)) => self.cmos.write(off, val, clock.wall_ns()),
+            Some((Dev::Cmos, off)) => self.cmos.write(off, val, self.rtc_now(clock)),
             Some((Dev::Serial, off)) => self.serial.write(off, val),
             Some((Dev::Clock, _)) | None => {}
         }
@@ -579,12 +570,10 @@ pub struct Machine {
     console_hash: u64,
     console_bytes: u64,
     status_file: Option<PathBuf>,
-    role: String,
+    role: Role,
     status_written: Option<Instant>,
     /// The network card, if the command line announces one.
     nic: Option<crate::nic::Nic>,
-    /// The TAP to open when a backup goes live.
-    tap: Option<String>,
     /// Decides failover; without one, losing the peer halts.
     arbiter: Option<Box<dyn Arbiter>>,
     /// Where console output goes once a backup goes live.
@@ -709,7 +698,6 @@ impl Machine {
             console_hash: 0,
             console_bytes: 0,
             nic,
-            tap: cfg.tap.clone(),
             arbiter: None,
             live_console: None,
             role_listener: None,
@@ -728,7 +716,7 @@ impl Machine {
                 None => None,
             },
             status_file: cfg.status_file.clone(),
-            role: cfg.role.clone(),
+            role: cfg.role,
             status_written: None,
         };
         if machine.mode.primary_released().is_some() {
@@ -739,6 +727,18 @@ impl Machine {
             machine.replayed_output = Some(out);
         }
         Ok(machine)
+    }
+
+    /// Gives a backup's card the TAP it connects to if it goes live (opened at start-up,
+    /// before the backup can claim at the arbiter).
+    pub fn set_standby_tap(&mut self, tap: crate::tap::Tap) -> Result<(), MachineError> {
+        match &mut self.nic {
+            Some(nic) => {
+                nic.set_standby(tap);
+                Ok(())
+            }
+            None => Err(MachineError::NoNic(crate::nic::cmdline_words(None))),
+        }
     }
 
     /// A handle to stop the loop or feed it console input from other threads.
@@ -1037,7 +1037,7 @@ impl Machine {
         }
     }
 
-    fn set_role(&mut self, role: &str) {
+    fn set_role(&mut self, role: Role) {
         tracing::info!(
             "role: {} -> {role} at position {}",
             self.role,
@@ -1048,7 +1048,7 @@ impl Machine {
             self.role,
             self.position()
         );
-        self.role = role.to_string();
+        self.role = role;
         if let Some(l) = &mut self.role_listener {
             l(role);
         }
@@ -1056,64 +1056,37 @@ impl Machine {
         self.write_status_now(pos, "running");
     }
 
-    /// The peer is gone: ask the arbiter whether this side goes on. The winner goes on alone
-    /// (a backup goes live first); the loser halts at once. Without an arbiter, or while the
-    /// arbiter does not answer, nobody goes on: that is what prevents split brain.
+    /// The peer is gone: the failover state machine ([`crate::ft::failover::settle`]) asks
+    /// the arbiter whether this side goes on. The winner goes on alone (a backup goes live
+    /// first); the loser halts at once.
     fn failover(&mut self, lost: &RrError) -> Result<(), MachineError> {
+        use crate::ft::failover::{settle, NotWon};
         let pos = self.position();
         let reason = lost.to_string();
-        let backup = self.mode.is_replay();
         eprintln!(
             "twinvm: {} lost its peer at position {pos}: {reason}",
             self.role
         );
-        let Some(arbiter) = self.arbiter.as_mut() else {
-            self.set_role("halted");
-            return Err(MachineError::Halted {
-                pos,
-                reason,
-                what: "no arbiter is configured (--arbiter), so this side may not go on alone"
-                    .into(),
-            });
-        };
-        let t0 = Instant::now();
-        let won = loop {
-            if self.handle.stop.load(Ordering::Acquire) {
-                return Err(RrError::Interrupted.into());
+        let won = match settle(self.role, self.arbiter.as_deref_mut(), &self.handle.stop) {
+            Ok(won) => won,
+            Err(NotWon::Interrupted) => return Err(RrError::Interrupted.into()),
+            Err(NotWon::Halted(what)) => {
+                self.set_role(Role::Halted);
+                return Err(MachineError::Halted { pos, reason, what });
             }
-            match arbiter.claim() {
-                Claim::Won => break Ok(()),
-                Claim::Lost(holder) => break Err(holder),
-                Claim::Unreachable(e) => {
-                    eprintln!(
-                        "twinvm: the arbiter did not answer ({e}); the guest stays paused until it does"
-                    );
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Claim::Refused(why) => {
-                    let what = arbiter.describe();
-                    self.set_role("halted");
-                    return Err(MachineError::ArbiterRefused {
-                        pos,
-                        reason,
-                        what,
-                        why,
-                    });
-                }
+            Err(NotWon::Refused { what, why }) => {
+                self.set_role(Role::Halted);
+                return Err(MachineError::ArbiterRefused {
+                    pos,
+                    reason,
+                    what,
+                    why,
+                });
             }
         };
-        let what = arbiter.describe();
-        if let Err(holder) = won {
-            self.set_role("halted");
-            return Err(MachineError::Halted {
-                pos,
-                reason,
-                what: format!("the arbiter gave {what} to the other side ({holder})"),
-            });
-        }
         eprintln!(
-            "twinvm: won {what} after {:.0?}; going on alone at position {pos}",
-            t0.elapsed()
+            "twinvm: won {} after {:.0?}; going on alone at position {pos}",
+            won.what, won.after
         );
         // What the primary last said it had released, before the channel is let go.
         if let (Some(out), Some((c, f))) = (&mut self.replayed_output, self.mode.primary_released())
@@ -1121,12 +1094,10 @@ impl Machine {
             out.trim(c, f);
         }
         self.mode = Mode::Live;
-        if backup {
+        if won.role == Role::LiveAfterFailover {
             self.go_live()?;
-            self.set_role("live-after-failover");
-        } else {
-            self.set_role("alone");
         }
+        self.set_role(won.role);
         Ok(())
     }
 
@@ -1140,12 +1111,14 @@ impl Machine {
         if let Some(out) = self.live_console.take() {
             self.console_out = out;
         }
-        if let (Some(nic), Some(tap)) = (&mut self.nic, self.tap.clone()) {
-            nic.go_live(&tap)?;
-            let wake = self.handle.events.clone();
-            nic.spawn_watcher(move || wake.send(HostEvent::NetReady).is_ok())
-                .map_err(|e| crate::nic::NicError::Transport(format!("TAP watcher: {e}")))?;
-            nic.announce();
+        if let Some(nic) = &mut self.nic {
+            // The TAP was opened when the backup started (see `set_standby_tap`).
+            if nic.go_live()? {
+                let wake = self.handle.events.clone();
+                nic.spawn_watcher(move || wake.send(HostEvent::NetReady).is_ok())
+                    .map_err(|e| crate::nic::NicError::Transport(format!("TAP watcher: {e}")))?;
+                nic.announce();
+            }
         }
         self.emit_unreleased_output();
         Ok(())
@@ -1570,7 +1543,7 @@ impl Machine {
             return;
         };
         let mut v = serde_json::Map::new();
-        v.insert("role".into(), self.role.clone().into());
+        v.insert("role".into(), self.role.as_str().into());
         v.insert("state".into(), state.into());
         v.insert("position".into(), pos.into());
         v.insert("injected".into(), self.stats.injected.into());

@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use logchannel::entry::LogHeader;
 use sha2::{Digest as _, Sha256};
 use vmm::console::{spawn_stdin_forwarder, TerminalGuard};
+use vmm::ft::output::{spawn_output_releaser, Decision, HeldOutput, SharedDecision};
+use vmm::ft::Role;
 use vmm::machine::{HostEvent, Machine, RunOutcome, VmConfig};
 use vmm::rr::{Mode, Recorder, Replayer, RrError};
 
@@ -119,7 +121,7 @@ impl FailoverArgs {
     fn arbiter(
         &self,
         vm: &str,
-        role: &str,
+        role: Role,
     ) -> anyhow::Result<Option<Box<dyn vmm::machine::Arbiter>>> {
         let Some(addr) = &self.arbiter else {
             return Ok(None);
@@ -146,7 +148,7 @@ impl FailoverArgs {
             token_file: self.arbiter_token_file.clone(),
             vm: vm.to_string(),
             generation: self.generation,
-            name: self.claimant.clone().unwrap_or_else(|| role.to_string()),
+            name,
         })?;
         eprintln!(
             "twinvm: {role}: generation {} of VM {vm:?} is open at the arbiter {addr}; this side is {}",
@@ -482,7 +484,7 @@ impl GuestArgs {
             cpu: self.cpu,
             digest_interval: 0,
             status_file: self.status.clone(),
-            role: "alone".to_string(),
+            role: Role::Alone,
             tap: self.tap.clone(),
             corrupt_at: None,
             page_trail: self.trail.config(),
@@ -530,7 +532,7 @@ impl ReplayArgs {
             cpu: self.cpu,
             digest_interval: header.digest_interval,
             status_file: None,
-            role: "replaying".to_string(),
+            role: Role::Replaying,
             tap: None,
             corrupt_at: self.test_corrupt_at,
             page_trail: self.trail.config(),
@@ -694,142 +696,26 @@ fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
         .with_context(|| format!("address {addr:?} resolves to nothing"))
 }
 
-/// The primary's console: output is handed to a thread that writes it to standard output
-/// only once the backup has acknowledged every log entry sent before it was produced (the
-/// output rule), while the guest keeps running.
-#[derive(Clone)]
-struct HeldOutput {
-    sender: Arc<logchannel::transport::LogSender>,
-    tx: std::sync::mpsc::Sender<Held>,
-}
-
-/// One piece of output waiting for the backup's ack of log entry `seq`.
-struct Held {
-    seq: u64,
-    what: HeldKind,
-    at: std::time::Instant,
-}
-
-enum HeldKind {
-    Console(Vec<u8>),
-    Frame(Vec<u8>),
-}
-
-impl HeldOutput {
-    fn hold(&self, what: HeldKind) -> bool {
-        let held = Held {
-            seq: self.sender.sent_seq(),
-            what,
-            at: std::time::Instant::now(),
-        };
-        self.tx.send(held).is_ok()
-    }
-}
-
-impl std::io::Write for HeldOutput {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if !self.hold(HeldKind::Console(buf.to_vec())) {
-            return Err(std::io::Error::other("the output thread has ended"));
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl vmm::nic::FrameSink for HeldOutput {
-    fn frame(&mut self, frame: Vec<u8>) {
-        if !self.hold(HeldKind::Frame(frame)) {
-            tracing::warn!("a transmitted frame was dropped: the output thread has ended");
+/// The network a side of a pair would run the VM with, checked at start-up (see
+/// `vmm::ft::role::check_network`).
+fn check_network(guest: &GuestArgs, role: Role, may_go_live: bool) -> anyhow::Result<()> {
+    let nic = guest.nic || guest.tap.is_some() || guest.mac.is_some();
+    match vmm::ft::role::check_network(role, nic, guest.tap.is_some(), may_go_live)? {
+        vmm::ft::role::NetworkCheck::Fine => {}
+        vmm::ft::role::NetworkCheck::Warn(w) => {
+            tracing::warn!("{w}");
+            eprintln!("twinvm: WARNING: {w}");
         }
     }
-}
-
-/// What the output rule measured: the delay it added to each chunk of output.
-#[derive(Debug, Default)]
-struct OutputDelays {
-    delays: Vec<std::time::Duration>,
-    bytes: u64,
-    frames: u64,
-}
-
-impl OutputDelays {
-    fn percentile(&self, p: f64) -> std::time::Duration {
-        let mut d = self.delays.clone();
-        d.sort();
-        if d.is_empty() {
-            return std::time::Duration::ZERO;
-        }
-        d[((d.len() - 1) as f64 * p).round() as usize]
-    }
-}
-
-/// What became of a primary whose backup is gone (see `spawn_output_releaser`).
-const DECISION_PENDING: u8 = 0;
-const DECISION_ALONE: u8 = 1;
-const DECISION_HALTED: u8 = 2;
-
-fn spawn_output_releaser(
-    sender: Arc<logchannel::transport::LogSender>,
-    rx: std::sync::mpsc::Receiver<Held>,
-    tap_rx: std::sync::mpsc::Receiver<Option<vmm::nic::TapWriter>>,
-    decision: Arc<std::sync::atomic::AtomicU8>,
-) -> std::thread::JoinHandle<OutputDelays> {
-    std::thread::spawn(move || {
-        let mut out = std::io::stdout();
-        let mut stats = OutputDelays::default();
-        // The TAP writer comes once the machine (which opens the TAP) exists.
-        let mut tap = tap_rx.recv().ok().flatten();
-        for Held { seq, what, at } in rx {
-            // Held until acknowledged. If the backup is lost first, the output waits for the
-            // arbiter: released if this primary goes on alone, dropped for good if it halts
-            // (the backup that took over produces it instead).
-            use std::sync::atomic::Ordering::Acquire;
-            loop {
-                if decision.load(Acquire) == DECISION_ALONE {
-                    break;
-                }
-                match sender.wait_acked_seq(seq, std::time::Duration::from_millis(200)) {
-                    Ok(true) => break,
-                    Ok(false) => continue,
-                    Err(_) => match decision.load(Acquire) {
-                        DECISION_ALONE => break,
-                        DECISION_HALTED => return stats,
-                        _ => std::thread::sleep(std::time::Duration::from_millis(20)),
-                    },
-                }
-            }
-            stats.delays.push(at.elapsed());
-            match what {
-                HeldKind::Console(bytes) => {
-                    stats.bytes += bytes.len() as u64;
-                    use std::io::Write as _;
-                    let _ = out.write_all(&bytes).and_then(|()| out.flush());
-                }
-                HeldKind::Frame(frame) => {
-                    stats.frames += 1;
-                    if let Some(t) = &mut tap {
-                        if let Err(e) = t.write_frame(&frame) {
-                            tracing::warn!("TAP write of a {}-byte frame: {e}", frame.len());
-                        }
-                    }
-                }
-            }
-            // The backup learns how far the outside world has seen the output, so that, if
-            // it goes live, it re-emits only what came after (at least once, never lost).
-            sender.set_released(stats.bytes, stats.frames);
-        }
-        stats
-    })
+    Ok(())
 }
 
 fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
-    let arbiter = args.failover.arbiter(&args.vm_id, "primary")?;
+    check_network(&args.guest, Role::Primary, args.failover.arbiter.is_some())?;
+    let arbiter = args.failover.arbiter(&args.vm_id, Role::Primary)?;
     let mut cfg = args.guest.to_config()?;
     cfg.digest_interval = args.digest_interval;
-    cfg.role = "primary".to_string();
+    cfg.role = Role::Primary;
     let placement = place_recording(&mut cfg)?;
     let header = pair_header(&cfg, args.digest_interval, &args.vm_id, placement.cpuid)?;
     let addr = resolve(&args.backup)?;
@@ -856,7 +742,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let sender = Arc::new(sender);
     let (tx, rx) = std::sync::mpsc::channel();
     let (tap_tx, tap_rx) = std::sync::mpsc::channel();
-    let decision = Arc::new(std::sync::atomic::AtomicU8::new(DECISION_PENDING));
+    let decision = SharedDecision::default();
     let releaser = spawn_output_releaser(sender.clone(), rx, tap_rx, decision.clone());
     let recorder = Recorder::live(
         sender.clone(),
@@ -868,10 +754,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             replay_min_positions: args.min_replay_lag_positions,
         },
     );
-    let out = HeldOutput {
-        sender: sender.clone(),
-        tx,
-    };
+    let out = HeldOutput::new(sender.clone(), tx);
     let frames = out.clone();
     let decided = decision.clone();
     let watched = sender.clone();
@@ -907,21 +790,14 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             m.set_failover(
                 arbiter,
                 None,
-                Some(Box::new(move |role: &str| {
-                    let v = match role {
-                        "alone" => DECISION_ALONE,
-                        "halted" => DECISION_HALTED,
-                        _ => return,
-                    };
-                    d.store(v, std::sync::atomic::Ordering::Release);
-                })),
+                Some(Box::new(move |role: Role| d.follow(role))),
             );
             Ok(())
         },
     );
     machine_done.store(true, std::sync::atomic::Ordering::Release);
     if result.is_err() {
-        decision.store(DECISION_HALTED, std::sync::atomic::Ordering::Release);
+        decision.set(Decision::Halted);
     }
     // The machine (and its HeldOutput) is gone: the releaser drains what is held.
     let delays = releaser.join().unwrap_or_default();
@@ -939,9 +815,19 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
 }
 
 fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
-    let arbiter = args.failover.arbiter(&args.vm_id, "backup")?;
+    check_network(&args.guest, Role::Backup, args.failover.arbiter.is_some())?;
     let mut cfg = args.guest.to_config()?;
-    cfg.role = "backup".to_string();
+    cfg.role = Role::Backup;
+    // Everything the live side needs is opened now, before this side can win the arbiter:
+    // the TAP stays open, unread, until the backup goes live.
+    let standby = match &cfg.tap {
+        Some(name) => Some(
+            vmm::tap::Tap::open(name)
+                .with_context(|| format!("the backup's TAP {name}, which it would go live on"))?,
+        ),
+        None => None,
+    };
+    let arbiter = args.failover.arbiter(&args.vm_id, Role::Backup)?;
     let listener =
         logchannel::transport::LogListener::bind(resolve(&args.listen)?, args.channel.config())?
             .with_pair_secret(args.channel.pair_secret()?);
@@ -991,6 +877,9 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         console,
         true,
         move |m| {
+            if let Some(tap) = standby {
+                m.set_standby_tap(tap)?;
+            }
             m.set_failover(arbiter, Some(Box::new(std::io::stdout())), None);
             Ok(())
         },

@@ -136,6 +136,8 @@ pub struct Nic {
     pub transport: MmioTransport<Net>,
     /// The TAP the card receives from in a live run (none in replay).
     tap: Option<Tap>,
+    /// A backup's TAP, opened at start-up and unread until the backup goes live.
+    standby: Option<Tap>,
     rx_queue: VecDeque<Vec<u8>>,
     tx: Box<dyn FrameSink>,
     /// Raised by the TAP watcher when frames wait; lowered when the loop drained the TAP.
@@ -193,6 +195,7 @@ impl Nic {
         Ok(Nic {
             transport,
             tap,
+            standby: None,
             rx_queue: VecDeque::new(),
             tx,
             armed: Arc::new(AtomicBool::new(true)),
@@ -254,10 +257,20 @@ impl Nic {
         }
     }
 
-    /// Connects the card of a backup that goes live to its TAP: frames received there go to
-    /// the guest from now on, and transmitted frames go out through it.
-    pub fn go_live(&mut self, tap: &str) -> Result<(), NicError> {
-        let mut t = Tap::open(tap)?;
+    /// Gives the card of a backup the TAP it will use if it goes live, opened at start-up so
+    /// that a TAP that cannot be opened is an error before the backup can win the arbiter.
+    pub fn set_standby(&mut self, tap: Tap) {
+        self.standby = Some(tap);
+    }
+
+    /// Connects the card of a backup that goes live to its standby TAP: frames received
+    /// there go to the guest from now on, and transmitted frames go out through it. Returns
+    /// whether there was one.
+    pub fn go_live(&mut self) -> Result<bool, NicError> {
+        let Some(mut t) = self.standby.take() else {
+            return Ok(false);
+        };
+        let tap = t.name().to_string();
         // Frames that queued on the TAP while nobody read it went to the primary too, or
         // were sent after it died and will be sent again: they are not for this guest.
         let mut buf = vec![0u8; 65536];
@@ -269,11 +282,11 @@ impl Nic {
             tracing::info!("dropped {stale} frames queued on TAP {tap} before going live");
         }
         self.tx = Box::new(TapWriter::dup(&t).map_err(|source| NicError::Dup {
-            name: tap.to_string(),
+            name: tap.clone(),
             source,
         })?);
         self.tap = Some(t);
-        Ok(())
+        Ok(true)
     }
 
     /// Announces the guest's MAC address on the network with RARP broadcasts (as VMware FT

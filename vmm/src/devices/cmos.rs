@@ -1,11 +1,20 @@
 //! The MC146818 CMOS real-time clock and its 128 bytes of RAM, at ports 0x70 (index) and
 //! 0x71 (data).
 //!
-//! Like the PIT, the model never reads a clock itself: every read takes `wall_ns`, the wall
-//! clock in nanoseconds since the Unix epoch, supplied by the VMM (live) or made irrelevant
-//! by the log (replay). Date and time are presented in BCD or binary and 24- or 12-hour
-//! format as register B asks. Guest writes of the time set an offset from the host clock.
-//! The RTC's own interrupts (IRQ 8: periodic, alarm, update) are not raised.
+//! Like the PIT, the model never reads a clock itself: every access takes an [`RtcNow`],
+//! supplied by the VMM. Date and time are presented in BCD or binary and 24- or 12-hour
+//! format as register B asks. The RTC's own interrupts (IRQ 8: periodic, alarm, update) are
+//! not raised.
+//!
+//! Until the guest sets it, the RTC tells the host's wall clock. Once the guest sets it, the
+//! RTC counts from the set time on the *guest's* monotonic clock (the twinvm clock device),
+//! anchored at the time the guest had last read: a function of the log, the same on both
+//! sides of a pair. So a guest that set its RTC while a backup replayed it reads, once the
+//! backup is live, a time that carries on from what it set (the live clock continues from the
+//! replayed guest time), not one computed against the replay's stopped clock. (One corner
+//! stays host-dependent: a guest that sets only some of the time registers of a never-set
+//! RTC keeps the others, and the weekday, from the host's wall clock, which a replay does
+//! not have; Linux writes all but the weekday, which it never reads.)
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -107,13 +116,34 @@ fn from_bcd(v: u8) -> u32 {
     u32::from(v >> 4) * 10 + u32::from(v & 0xf)
 }
 
+/// What the RTC needs to know of time at a guest access.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RtcNow {
+    /// The host's wall clock, ns since the Unix epoch (0 in a replay, whose answers come
+    /// from the log).
+    pub wall_ns: u64,
+    /// The guest's monotonic clock now, ns (0 in a replay).
+    pub mono_ns: u64,
+    /// The latest monotonic time the guest has read (recorded, replayed or live): the same
+    /// on both sides of a pair at the same position.
+    pub seen_ns: u64,
+}
+
+/// Where the RTC's time comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RtcBase {
+    /// The host's wall clock plus an offset (0 until the guest sets the time).
+    Host,
+    /// The guest set `set_ns` (ns since the epoch) when its monotonic clock read `at_ns`.
+    Set { set_ns: i128, at_ns: u64 },
+}
+
 /// The CMOS RTC and RAM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmos {
     index: u8,
     ram: [u8; 128],
-    /// Guest-set time minus host time, in ns.
-    offset_ns: i128,
+    base: RtcBase,
 }
 
 impl Default for Cmos {
@@ -132,12 +162,19 @@ impl Cmos {
         Cmos {
             index: 0,
             ram,
-            offset_ns: 0,
+            base: RtcBase::Host,
         }
     }
 
-    fn guest_ns(&self, wall_ns: u64) -> i128 {
-        i128::from(wall_ns) + self.offset_ns
+    /// The RTC's time, ns since the epoch.
+    fn guest_ns(&self, now: RtcNow) -> i128 {
+        match self.base {
+            RtcBase::Host => i128::from(now.wall_ns),
+            RtcBase::Set { set_ns, at_ns } => {
+                let mono = now.mono_ns.max(now.seen_ns);
+                set_ns + i128::from(mono) - i128::from(at_ns)
+            }
+        }
     }
 
     fn encode(&self, v: u32) -> u8 {
@@ -180,19 +217,19 @@ impl Cmos {
         }
     }
 
-    fn now(&self, wall_ns: u64) -> DateTime {
-        let secs = self.guest_ns(wall_ns).div_euclid(NS_PER_SEC) as i64;
+    fn now(&self, now: RtcNow) -> DateTime {
+        let secs = self.guest_ns(now).div_euclid(NS_PER_SEC) as i64;
         DateTime::from_unix(secs)
     }
 
     /// A guest read of port 0x70 + `offset`.
-    pub fn read(&mut self, offset: u64, wall_ns: u64) -> u8 {
+    pub fn read(&mut self, offset: u64, now: RtcNow) -> u8 {
         if offset == 0 {
             // The index register is write-only.
             return 0xff;
         }
         let updating = self.ram[REG_B as usize] & REG_B_SET != 0;
-        let t = self.now(wall_ns);
+        let t = self.now(now);
         match self.index {
             // While the guest holds SET, the time registers hold what it wrote.
             REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH
@@ -210,7 +247,7 @@ impl Cmos {
             REG_YEAR => self.encode(t.year.rem_euclid(100) as u32),
             REG_CENTURY => self.encode(t.year.div_euclid(100) as u32),
             REG_A => {
-                let in_second = self.guest_ns(wall_ns).rem_euclid(NS_PER_SEC) as u64;
+                let in_second = self.guest_ns(now).rem_euclid(NS_PER_SEC) as u64;
                 let uip = !updating && in_second >= 1_000_000_000 - UIP_NS;
                 (self.ram[REG_A as usize] & !REG_A_UIP) | if uip { REG_A_UIP } else { 0 }
             }
@@ -225,7 +262,7 @@ impl Cmos {
     }
 
     /// A guest write of port 0x70 + `offset`.
-    pub fn write(&mut self, offset: u64, val: u8, wall_ns: u64) {
+    pub fn write(&mut self, offset: u64, val: u8, now: RtcNow) {
         if offset == 0 {
             // Bit 7 is the NMI mask, which has nothing to mask here.
             self.index = val & 0x7f;
@@ -238,11 +275,11 @@ impl Cmos {
                 if val & REG_B_SET != 0 && !was_set {
                     // Freeze the current time into the registers so that a guest that
                     // writes only some of them keeps the rest.
-                    self.snapshot_time(wall_ns);
+                    self.snapshot_time(now);
                 }
                 self.ram[REG_B as usize] = val;
                 if was_set && val & REG_B_SET == 0 {
-                    self.apply_written_time(wall_ns);
+                    self.apply_written_time(now);
                 }
             }
             REG_C | REG_D => {}
@@ -252,8 +289,8 @@ impl Cmos {
         }
     }
 
-    fn snapshot_time(&mut self, wall_ns: u64) {
-        let t = self.now(wall_ns);
+    fn snapshot_time(&mut self, now: RtcNow) {
+        let t = self.now(now);
         self.ram[REG_SECONDS as usize] = self.encode(t.second);
         self.ram[REG_MINUTES as usize] = self.encode(t.minute);
         self.ram[REG_HOURS as usize] = self.encode_hour(t.hour);
@@ -264,7 +301,7 @@ impl Cmos {
         self.ram[REG_CENTURY as usize] = self.encode(t.year.div_euclid(100) as u32);
     }
 
-    fn apply_written_time(&mut self, wall_ns: u64) {
+    fn apply_written_time(&mut self, now: RtcNow) {
         let r = |i: u8| self.ram[i as usize];
         let year =
             i64::from(self.decode(r(REG_CENTURY))) * 100 + i64::from(self.decode(r(REG_YEAR)));
@@ -277,8 +314,13 @@ impl Cmos {
             second: self.decode(r(REG_SECONDS)).min(59),
             weekday: 0,
         };
-        let set_ns = i128::from(t.to_unix()) * NS_PER_SEC;
-        self.offset_ns = set_ns - i128::from(wall_ns);
+        // Anchored at the guest's time as it last read it, never at a host clock: the
+        // same on every side (a replay's clocks stand at 0), and carried on by the live
+        // clock of a backup that goes live.
+        self.base = RtcBase::Set {
+            set_ns: i128::from(t.to_unix()) * NS_PER_SEC,
+            at_ns: now.seen_ns,
+        };
     }
 }
 
@@ -288,10 +330,46 @@ mod tests {
 
     /// 2026-11-26 01:02:03 UTC, a Thursday.
     const T: u64 = 1_795_654_923 * 1_000_000_000;
+    const SEC: u64 = 1_000_000_000;
 
-    fn read_reg(c: &mut Cmos, idx: u8, now: u64) -> u8 {
+    /// A live access at wall time `wall`, the guest's clock at `wall - T` (and read just
+    /// now).
+    fn at(wall: u64) -> RtcNow {
+        RtcNow {
+            wall_ns: wall,
+            mono_ns: wall - T,
+            seen_ns: wall - T,
+        }
+    }
+
+    fn read_at(c: &mut Cmos, idx: u8, now: RtcNow) -> u8 {
         c.write(0, idx, now);
         c.read(1, now)
+    }
+
+    fn read_reg(c: &mut Cmos, idx: u8, wall: u64) -> u8 {
+        read_at(c, idx, at(wall))
+    }
+
+    /// The guest sets 2030-11-26 01:02:03, every field, as Linux's `mc146818_set_time`
+    /// (`hwclock -w`) does.
+    fn set_year_2030(c: &mut Cmos, now: RtcNow) {
+        c.write(0, REG_B, now);
+        c.write(1, REG_B_SET | REG_B_24H, now);
+        for (reg, v) in [
+            (REG_SECONDS, 0x03),
+            (REG_MINUTES, 0x02),
+            (REG_HOURS, 0x01),
+            (REG_DAY, 0x26),
+            (REG_MONTH, 0x11),
+            (REG_YEAR, 0x30),
+            (REG_CENTURY, 0x20),
+        ] {
+            c.write(0, reg, now);
+            c.write(1, v, now);
+        }
+        c.write(0, REG_B, now);
+        c.write(1, REG_B_24H, now);
     }
 
     #[test]
@@ -321,8 +399,8 @@ mod tests {
     #[test]
     fn binary_and_12_hour_modes() {
         let mut c = Cmos::new();
-        c.write(0, REG_B, T);
-        c.write(1, REG_B_BINARY, T);
+        c.write(0, REG_B, at(T));
+        c.write(1, REG_B_BINARY, at(T));
         let pm = T + 13 * 3600 * 1_000_000_000; // 14:02:03
         assert_eq!(read_reg(&mut c, REG_HOURS, pm), 0x80 | 2);
         assert_eq!(read_reg(&mut c, REG_DAY, pm), 26);
@@ -340,26 +418,59 @@ mod tests {
     }
 
     #[test]
-    fn guest_set_time_sticks_as_offset() {
+    fn guest_set_time_sticks_and_runs_on_the_guests_clock() {
         let mut c = Cmos::new();
-        c.write(0, REG_B, T);
-        c.write(1, REG_B_SET | REG_B_24H, T);
-        c.write(0, REG_YEAR, T);
-        c.write(1, 0x30, T); // 2030
-        c.write(0, REG_B, T);
-        c.write(1, REG_B_24H, T);
+        set_year_2030(&mut c, at(T));
         assert_eq!(read_reg(&mut c, REG_YEAR, T), 0x30);
         assert_eq!(read_reg(&mut c, REG_MONTH, T), 0x11);
         // Time keeps running from what was set.
-        assert_eq!(read_reg(&mut c, REG_SECONDS, T + 5_000_000_000), 0x08);
+        assert_eq!(read_reg(&mut c, REG_SECONDS, T + 5 * SEC), 0x08);
+    }
+
+    #[test]
+    fn a_time_set_in_a_replay_carries_on_when_the_backup_goes_live() {
+        // The replay: no host clock (the log answers every read); the guest had read its
+        // clock at 40 s.
+        let replay = RtcNow {
+            wall_ns: 0,
+            mono_ns: 0,
+            seen_ns: 40 * SEC,
+        };
+        let mut replayed = Cmos::new();
+        set_year_2030(&mut replayed, replay);
+        // The primary did the same live, at the same guest time.
+        let mut recorded = Cmos::new();
+        set_year_2030(
+            &mut recorded,
+            RtcNow {
+                wall_ns: T + 86_400 * SEC,
+                mono_ns: 40 * SEC + 1000,
+                seen_ns: 40 * SEC,
+            },
+        );
+        assert_eq!(
+            replayed.base, recorded.base,
+            "the time base is a function of the log"
+        );
+        // Live, the backup's clock carries on from the replayed 40 s: 3 s later the RTC
+        // reads 2030, three seconds on, whatever the backup host's wall clock says.
+        let live = RtcNow {
+            wall_ns: T + 1000 * SEC,
+            mono_ns: 43 * SEC,
+            seen_ns: 40 * SEC,
+        };
+        assert_eq!(read_at(&mut replayed, REG_YEAR, live), 0x30);
+        assert_eq!(read_at(&mut replayed, REG_CENTURY, live), 0x20);
+        assert_eq!(read_at(&mut replayed, REG_MONTH, live), 0x11);
+        assert_eq!(read_at(&mut replayed, REG_SECONDS, live), 0x06);
     }
 
     #[test]
     fn ram_bytes_are_plain_storage() {
         let mut c = Cmos::new();
-        c.write(0, 0x80 | 0x40, T); // NMI mask bit is ignored
-        c.write(1, 0xab, T);
+        c.write(0, 0x80 | 0x40, at(T)); // NMI mask bit is ignored
+        c.write(1, 0xab, at(T));
         assert_eq!(read_reg(&mut c, 0x40, T), 0xab);
-        assert_eq!(c.read(0, T), 0xff);
+        assert_eq!(c.read(0, at(T)), 0xff);
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use arbiter::client::ClientError;
 use arbiter::protocol::{ClaimResponse, Entry};
 
-use crate::machine::{Arbiter, Claim};
+use super::failover::{Arbiter, Claim};
 
 /// How long a side waits at start-up for an arbiter that does not answer yet.
 pub const START_WAIT: Duration = Duration::from_secs(10);

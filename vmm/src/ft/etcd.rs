@@ -8,7 +8,7 @@ use std::time::Duration;
 use arbiter::etcd::EtcdError;
 
 use super::arbiter::{check_generation, incarnation};
-use crate::machine::{Arbiter, Claim};
+use super::failover::{Arbiter, Claim};
 
 /// Where the etcd cluster is and what this side claims there.
 #[derive(Debug, Clone)]
