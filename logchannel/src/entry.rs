@@ -73,6 +73,10 @@ pub struct LogHeader {
     /// guest `CPUID` natively (no trap to the VMM); `None` where `CPUID` exits and the VMM's
     /// table answers, which is the same on every host (DESIGN.md, Determinism 6).
     pub cpuid: Option<Vec<CpuidLeaf>>,
+    /// The SHA-256 of the machine snapshot the recording starts from (`twinvm record
+    /// --restore`); `None` for a recording that starts with a boot. A replay must restore
+    /// the same snapshot.
+    pub snapshot_sha256: Option<[u8; 32]>,
 }
 
 /// One `CPUID` leaf and sub-leaf as a host CPU answers it.
@@ -146,7 +150,23 @@ impl LogHeader {
             digest_interval,
             vm_id: vm_id.into(),
             cpuid: None,
+            snapshot_sha256: None,
         }
+    }
+
+    /// The same header for a recording that starts from the snapshot with this SHA-256.
+    pub fn with_snapshot(mut self, snapshot_sha256: Option<[u8; 32]>) -> Self {
+        self.snapshot_sha256 = snapshot_sha256;
+        self
+    }
+
+    /// SHA-256 of the header's encoding: names the recording a snapshot was taken in.
+    pub fn sha256(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        // Encoding a header into memory cannot fail (no maps with non-string keys, no
+        // unsupported types); were it to, the empty encoding still gives a fixed hash.
+        let bytes = postcard::to_stdvec(self).unwrap_or_default();
+        sha2::Sha256::digest(&bytes).into()
     }
 
     /// The same header naming the host CPU's `CPUID` fingerprint (see [`LogHeader::cpuid`]).
@@ -209,6 +229,17 @@ impl LogHeader {
                 "cpuid: ours {}, theirs {}",
                 says(&self.cpuid),
                 says(&other.cpuid)
+            ));
+        }
+        if self.snapshot_sha256 != other.snapshot_sha256 {
+            let says = |s: &Option<[u8; 32]>| match s {
+                Some(h) => format!("starts from snapshot {}", hex(h)),
+                None => "starts with a boot".to_string(),
+            };
+            diffs.push(format!(
+                "snapshot: ours {}, theirs {}",
+                says(&self.snapshot_sha256),
+                says(&other.snapshot_sha256)
             ));
         }
         if diffs.is_empty() {

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod nic;
 pub mod rr;
 pub mod signals;
+pub mod snapshot;
 pub mod tap;
 pub mod trail;
 pub mod vstate;

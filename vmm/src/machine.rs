@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::{cmos::Cmos, PioBus};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
+use crate::snapshot::{ImageId, Snapshot, SnapshotError};
 use crate::vstate::{self, KickArm, VcpuKick, VstateError};
 
 /// ISA line of the PIT's channel 0.
@@ -91,6 +92,19 @@ pub struct VmConfig {
     /// Keep the bytes of every page hashed at each of the last N digests in this directory
     /// (see [`crate::trail`]).
     pub page_trail: Option<(PathBuf, usize, Option<u64>)>,
+    /// Start from this snapshot instead of booting (its image must be this config's).
+    pub restore: Option<Arc<Snapshot>>,
+    /// Take a snapshot at this delivery point.
+    pub snapshot_at: Option<SnapshotRequest>,
+}
+
+/// A snapshot to take at a position (`--snapshot-at POS FILE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The position of the delivery point.
+    pub pos: u64,
+    /// The file to write.
+    pub path: PathBuf,
 }
 
 /// Told of every role change of the machine (`primary`, `live-after-failover`, `alone`,
@@ -194,6 +208,9 @@ pub enum MachineError {
     /// The page trail's directory.
     #[error("{0}")]
     Trail(String),
+    /// Taking or restoring a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed at position {pos}: {source}")]
     Run {
@@ -263,6 +280,22 @@ pub struct RunStats {
     pub digest_time: Duration,
     /// Dirty pages hashed for them.
     pub digest_pages: u64,
+    /// The snapshot taken in this run, if any.
+    pub snapshot: Option<SnapshotFigures>,
+    /// Time to put a snapshot's memory, vCPU and devices into this machine, if it was
+    /// restored (reading and checking the file comes before).
+    pub restore: Option<Duration>,
+}
+
+/// Figures of a snapshot taken.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotFigures {
+    /// File size.
+    pub bytes: u64,
+    /// Guest pages stored.
+    pub pages_stored: u64,
+    /// Time from the delivery point to the file synced.
+    pub took: Duration,
 }
 
 /// Device ids on the port I/O bus.
@@ -526,7 +559,7 @@ pub struct Machine {
     _kick_arm: KickArm,
     vcpu: VcpuFd,
     vm: VmFd,
-    _kvm: Kvm,
+    kvm: Kvm,
     mem: GuestMemory,
     mode: Mode,
     digest_interval: u64,
@@ -570,6 +603,16 @@ pub struct Machine {
     trail: Option<crate::trail::TrailWriter>,
     /// A live backup's output not yet known to be released by its primary.
     replayed_output: Option<ReplayedOutput>,
+    /// The guest image, when a snapshot is to be taken or was restored.
+    image: Option<ImageId>,
+    /// The snapshot to take.
+    snapshot_at: Option<SnapshotRequest>,
+    /// A restored machine starts at its snapshot's delivery point: whether the guest had
+    /// halted there.
+    resume_halted: Option<bool>,
+    /// Guest pages dirtied before a snapshot and after the last digest, in page order: the
+    /// next digest covers them (KVM's dirty log was read, and so reset, for the snapshot).
+    carried_dirty: Vec<u64>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -595,7 +638,26 @@ impl Machine {
         }
         let kvm = vstate::open_kvm(&cfg.kvm_path)?;
         let mem = memory::create_guest_memory(cfg.mem_mib)?;
-        let layout = boot::load_guest(&mem, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        let image = if cfg.restore.is_some() || cfg.snapshot_at.is_some() {
+            Some(ImageId::of(
+                &cfg.kernel,
+                cfg.initrd.as_deref(),
+                &cfg.cmdline,
+                cfg.mem_mib,
+            )?)
+        } else {
+            None
+        };
+        let restore_t0 = Instant::now();
+        let layout = match (&cfg.restore, &image) {
+            (Some(snap), Some(image)) => {
+                snap.state.image.check(image)?;
+                // Fresh memory is all zero: the snapshot's pages are all there is to write.
+                snap.write_memory(&mem)?;
+                snap.state.layout
+            }
+            _ => boot::load_guest(&mem, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?,
+        };
         let vm = vstate::create_vm(&kvm, &mem, mode.wants_digests())?;
         // Pages the loader wrote are the same on every side (the image hashes are in the
         // log header): digests start from a clean bitmap.
@@ -605,7 +667,10 @@ impl Machine {
             source,
         })?;
         cpuid::configure(&kvm, &vcpu)?;
-        boot::setup_vcpu_regs(&vcpu, &layout)?;
+        match &cfg.restore {
+            Some(snap) => snap.state.vcpu.restore(&vcpu)?,
+            None => boot::setup_vcpu_regs(&vcpu, &layout)?,
+        }
         // SAFETY: the guard is the first field of the machine, so it is dropped (disarmed)
         // before `vcpu`, on this thread (it is not `Send`); it is never leaked on its own.
         let kick_arm = unsafe { KickArm::arm(&mut vcpu)? };
@@ -636,7 +701,7 @@ impl Machine {
             _kick_arm: kick_arm,
             vcpu,
             vm,
-            _kvm: kvm,
+            kvm,
             mem,
             clock: HostClock::new(mode.is_replay()),
             mode,
@@ -676,7 +741,15 @@ impl Machine {
             status_file: cfg.status_file.clone(),
             role: cfg.role.clone(),
             status_written: None,
+            image,
+            snapshot_at: cfg.snapshot_at.clone(),
+            resume_halted: None,
+            carried_dirty: Vec::new(),
         };
+        if let Some(snap) = &cfg.restore {
+            machine.restore_from(snap)?;
+            machine.stats.restore = Some(restore_t0.elapsed());
+        }
         if machine.mode.primary_released().is_some() {
             let out = ReplayedOutput::default();
             if let Some(nic) = &mut machine.nic {
@@ -800,8 +873,10 @@ impl Machine {
     fn run_loop(&mut self) -> Result<RunOutcome, MachineError> {
         self.stats.setup = self.created.elapsed();
         // Position 0 is a delivery point too: nothing can be pending yet, but the window
-        // request is set up the same way as after every exit.
-        if let Some(outcome) = self.delivery_point(false)? {
+        // request is set up the same way as after every exit. A restored machine starts at
+        // its snapshot's delivery point, as the original went on from it.
+        let halted = self.resume_halted.take().unwrap_or(false);
+        if let Some(outcome) = self.delivery_point(halted)? {
             return Ok(outcome);
         }
         loop {
@@ -934,6 +1009,165 @@ impl Machine {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// Lets KVM finish the instruction of the last exit (an `in`'s value into RAX and RIP
+    /// past it, a string instruction's next round) and refresh the run structure's flags,
+    /// without running the guest: `KVM_RUN` with `immediate_exit` set completes pending
+    /// I/O and returns EINTR before entering the guest (KVM API, `immediate_exit`). Until
+    /// then the registers KVM reports are those of before the instruction.
+    fn complete_pending_io(&mut self) -> Result<(), MachineError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = match self.vcpu.run() {
+            Ok(VcpuExit::Intr) => Ok(None),
+            Ok(other) => Ok(Some(format!("{other:?}"))),
+            Err(e) => Err(e),
+        };
+        vstate::clear_kick(&mut self.vcpu);
+        let pos = self.position();
+        match r {
+            Ok(None) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(source) => Err(MachineError::Run { pos, source }),
+            Ok(Some(what)) => Err(MachineError::UnexpectedExit {
+                what: format!("{what} while completing the last exit's I/O"),
+                pos,
+            }),
+        }
+    }
+
+    /// The machine's state at this delivery point, as a snapshot writes it. Takes what the
+    /// devices transmitted first (a snapshot has no output in flight), completes the last
+    /// exit's I/O, and reads the dirty log into the pages the next digest carries.
+    pub fn snapshot_state(
+        &mut self,
+        pos: u64,
+        halted: bool,
+    ) -> Result<crate::snapshot::SnapshotState, MachineError> {
+        use crate::snapshot::{DeviceState, SnapshotState, VcpuState, VmmState};
+        self.flush_console();
+        if let Some(nic) = &mut self.nic {
+            nic.flush_tx();
+        }
+        let image = self.image.clone().ok_or_else(|| {
+            SnapshotError::Unsupported("the guest image's identity was not computed".into())
+        })?;
+        self.complete_pending_io()?;
+        if self.mode.wants_digests() {
+            let mut dirty = take_dirty_pages(&self.vm, &self.mem)?;
+            dirty.extend_from_slice(&self.carried_dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            self.carried_dirty = dirty;
+        }
+        Ok(SnapshotState {
+            image,
+            layout: self.layout,
+            vcpu: VcpuState::save(&self.kvm, &self.vcpu)?,
+            devices: DeviceState {
+                pic: self.devices.pic.clone(),
+                pit: self.devices.pit.clone(),
+                cmos: self.devices.cmos.state(),
+                serial: self.devices.serial.state(),
+                clock: self.devices.clock.clone(),
+                nic: self.nic.as_ref().map(|n| n.transport.state()),
+            },
+            vmm: VmmState {
+                position: pos,
+                halted,
+                mono_ns: if self.mode.is_replay() {
+                    self.devices.clock.seen_ns()
+                } else {
+                    self.clock.mono_ns()
+                },
+                console_hash: self.console_hash,
+                console_bytes: self.console_bytes,
+                stepping: self.stepping,
+                step_budget: self.step_budget,
+                stepping_pushf: self.stepping_pushf,
+                pending_input: self.pending_input.iter().copied().collect(),
+                dirty_since_digest: self.carried_dirty.clone(),
+                log: self.mode.log_point(),
+            },
+        })
+    }
+
+    /// Writes a snapshot of the machine at this delivery point to `path`.
+    fn take_snapshot(&mut self, pos: u64, halted: bool, path: &Path) -> Result<(), MachineError> {
+        let t0 = Instant::now();
+        let state = self.snapshot_state(pos, halted)?;
+        let w = crate::snapshot::write(path, &state, &self.mem)?;
+        let took = t0.elapsed();
+        eprintln!(
+            "twinvm: snapshot at position {pos} written to {}: {} bytes ({} of {} pages stored) in {:.1} ms, sha256 {}",
+            path.display(),
+            w.bytes,
+            w.pages_stored,
+            w.pages_total,
+            took.as_secs_f64() * 1e3,
+            crate::snapshot::hex(&w.sha256)
+        );
+        self.stats.snapshot = Some(SnapshotFigures {
+            bytes: w.bytes,
+            pages_stored: w.pages_stored,
+            took,
+        });
+        Ok(())
+    }
+
+    /// Puts the devices and the VMM's own state of a fresh machine in a snapshot's (memory
+    /// and the vCPU's registers are written before the machine is assembled).
+    fn restore_from(&mut self, snap: &Snapshot) -> Result<(), MachineError> {
+        let st = &snap.state;
+        self.devices.pic = st.devices.pic.clone();
+        self.devices.pit = st.devices.pit.clone();
+        self.devices.cmos = crate::devices::cmos::Cmos::from_state(&st.devices.cmos)
+            .ok_or_else(|| SnapshotError::Corrupt("the CMOS RAM is not 128 bytes".into()))?;
+        self.devices.serial =
+            SerialConsole::from_state(&st.devices.serial).map_err(SnapshotError::Corrupt)?;
+        self.devices.clock = st.devices.clock.clone();
+        match (&mut self.nic, &st.devices.nic) {
+            (Some(nic), Some(s)) => nic
+                .transport
+                .restore(s)
+                .map_err(|e| SnapshotError::Corrupt(format!("virtio-net: {e}")))?,
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(SnapshotError::Mismatch(
+                    "this VMM has a NIC, the snapshot's guest had none".into(),
+                )
+                .into())
+            }
+            (None, Some(_)) => {
+                return Err(SnapshotError::Mismatch(
+                    "the snapshot's guest had a NIC: restore it with --nic or --tap".into(),
+                )
+                .into())
+            }
+        }
+        let v = &st.vmm;
+        // The guest's monotonic time goes on from where it stood: the time the snapshot
+        // spent on disk is not the guest's. (The RTC follows the host's wall clock.)
+        self.clock = HostClock::starting_at(v.mono_ns, self.mode.is_replay());
+        self.stats.sync_exits = v.position;
+        self.console_hash = v.console_hash;
+        self.console_bytes = v.console_bytes;
+        self.step_budget = v.step_budget;
+        self.stepping_pushf = v.stepping_pushf;
+        // A replay's console input comes from the log only.
+        if !self.mode.is_replay() {
+            self.pending_input = v.pending_input.iter().copied().collect();
+        }
+        self.carried_dirty = v.dirty_since_digest.clone();
+        self.resume_halted = Some(v.halted);
+        self.set_stepping(v.stepping)?;
+        // Writing memory marked every stored page in vm-memory's bitmap; the digests of the
+        // original did not see those writes.
+        reset_vmm_dirty(&self.mem);
+        // The run structure's flags (`ready_for_interrupt_injection`, `if_flag`) are read at
+        // the first delivery point: KVM fills them in at a KVM_RUN.
+        self.complete_pending_io()?;
+        Ok(())
     }
 
     /// Sets what decides failover, where a backup's console goes once it is live, and who is
@@ -1231,6 +1465,11 @@ impl Machine {
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
+        if self.snapshot_at.as_ref().is_some_and(|r| r.pos == pos) {
+            if let Some(req) = self.snapshot_at.take() {
+                self.take_snapshot(pos, halted, &req.path)?;
+            }
+        }
         if self.corrupt_at == Some(pos) {
             self.corrupt_guest_memory(pos);
         }
@@ -1447,6 +1686,8 @@ impl Machine {
         // Output not yet taken from the UART counts as written.
         self.flush_console();
         let (vcpu, vm, mem) = (&self.vcpu, &self.vm, &self.mem);
+        let carried = &self.carried_dirty;
+        let mut taken = false;
         let console = [
             ("console_bytes", self.console_bytes),
             ("console_hash", self.console_hash),
@@ -1455,7 +1696,8 @@ impl Machine {
         let trail = &mut self.trail;
         let r = self.mode.digest(pos, || {
             let keep = trail.as_ref().is_some_and(|t| t.wants(pos));
-            let (d, snap) = state_digest(vcpu, vm, mem, pos, &console, keep)?;
+            let (d, snap) = state_digest(vcpu, vm, mem, pos, &console, keep, carried)?;
+            taken = true;
             pages = d.pages.len() as u64;
             if let (Some(t), Some(snap)) = (trail.as_mut(), snap) {
                 // Written before the comparison, so a mismatching digest's bytes are kept.
@@ -1471,6 +1713,11 @@ impl Machine {
                 return self.failover(&e);
             }
             r => r?,
+        }
+        if taken {
+            // The pages carried over a snapshot are in this digest (a replay takes one only
+            // where its log has one: until then they stay carried).
+            self.carried_dirty.clear();
         }
         self.stats.digests += 1;
         self.stats.digest_pages += pages;
@@ -1650,9 +1897,34 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
 
 const PAGE_SIZE: u64 = 4096;
 
+/// The frame numbers, in order, of the pages dirtied since the last call: KVM's dirty log
+/// (reading it resets it) together with the pages the VMM wrote itself (reset too).
+pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemory) -> Result<Vec<u64>, RrError> {
+    let mut gfns = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let len = region.len() as usize;
+        let bitmap = vm
+            .get_dirty_log(slot as u32, len)
+            .map_err(|e| RrError::Kvm(format!("reading the dirty log: {e}")))?;
+        let base = region.start_addr().0;
+        let npages = region.len() / PAGE_SIZE;
+        for page in 0..npages {
+            let kvm_dirty = bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0;
+            let vmm_dirty = vmm_bitmap(region).dirty_at((page * PAGE_SIZE) as usize);
+            if kvm_dirty || vmm_dirty {
+                gfns.push((base + page * PAGE_SIZE) / PAGE_SIZE);
+            }
+        }
+        vmm_bitmap(region).reset();
+    }
+    Ok(gfns)
+}
+
 /// The vCPU's registers, a hash of its FPU/SSE state, and a hash of every page dirtied since
 /// the last digest (KVM's dirty log, which also resets it, together with the pages the VMM
-/// wrote itself). `extra` adds named values of the VMM's own (the console output hash).
+/// wrote itself, and `carried`: pages found dirty when a snapshot read the log). `extra`
+/// adds named values of the VMM's own (the console output hash).
+#[allow(clippy::too_many_arguments)]
 pub fn state_digest(
     vcpu: &VcpuFd,
     vm: &VmFd,
@@ -1660,6 +1932,7 @@ pub fn state_digest(
     pos: u64,
     extra: &[(&str, u64)],
     keep: bool,
+    carried: &[u64],
 ) -> Result<(Digest, Option<crate::trail::Snapshot>), RrError> {
     let kvm_err = |what: &str, e: kvm_ioctls::Error| RrError::Kvm(format!("{what}: {e}"));
     let r = vcpu
@@ -1717,27 +1990,20 @@ pub fn state_digest(
     let mut pages = Vec::new();
     let mut kept = Vec::new();
     let mut buf = vec![0u8; PAGE_SIZE as usize];
-    for (slot, region) in mem.iter().enumerate() {
-        let len = region.len() as usize;
-        let bitmap = vm
-            .get_dirty_log(slot as u32, len)
-            .map_err(|e| kvm_err("reading the dirty log", e))?;
-        let base = region.start_addr().0;
-        let npages = region.len() / PAGE_SIZE;
-        for page in 0..npages {
-            let kvm_dirty = bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0;
-            let vmm_dirty = vmm_bitmap(region).dirty_at((page * PAGE_SIZE) as usize);
-            if kvm_dirty || vmm_dirty {
-                let gpa = base + page * PAGE_SIZE;
-                mem.read_slice(&mut buf, GuestAddress(gpa))
-                    .map_err(|e| RrError::Kvm(format!("reading guest page {gpa:#x}: {e}")))?;
-                pages.push((gpa / PAGE_SIZE, hash_bytes(&buf)));
-                if keep {
-                    kept.push(buf.clone());
-                }
-            }
+    let mut gfns = take_dirty_pages(vm, mem)?;
+    if !carried.is_empty() {
+        gfns.extend_from_slice(carried);
+        gfns.sort_unstable();
+        gfns.dedup();
+    }
+    for gfn in gfns {
+        let gpa = gfn * PAGE_SIZE;
+        mem.read_slice(&mut buf, GuestAddress(gpa))
+            .map_err(|e| RrError::Kvm(format!("reading guest page {gpa:#x}: {e}")))?;
+        pages.push((gfn, hash_bytes(&buf)));
+        if keep {
+            kept.push(buf.clone());
         }
-        vmm_bitmap(region).reset();
     }
     let snap = keep.then(|| crate::trail::Snapshot {
         pos,

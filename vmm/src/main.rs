@@ -7,10 +7,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use logchannel::entry::LogHeader;
-use sha2::{Digest as _, Sha256};
 use vmm::console::{spawn_stdin_forwarder, TerminalGuard};
-use vmm::machine::{HostEvent, Machine, RunOutcome, VmConfig};
+use vmm::machine::{HostEvent, Machine, RunOutcome, SnapshotRequest, VmConfig};
 use vmm::rr::{Mode, Recorder, Replayer, RrError};
+use vmm::snapshot::{hex, Snapshot};
 
 /// Exit status when the guest powered off.
 const EXIT_POWEROFF: u8 = 0;
@@ -322,6 +322,10 @@ struct ReplayArgs {
     /// Test only: flip a bit of guest memory at this position (the replay must diverge).
     #[arg(long, hide = true)]
     test_corrupt_at: Option<u64>,
+    /// The snapshot the recording starts from (the log names it), or one taken in this
+    /// recording (`record --snapshot-at`), from whose position the replay then starts.
+    #[command(flatten)]
+    snapshot: SnapshotArgs,
     #[command(flatten)]
     trail: TrailArgs,
 }
@@ -397,7 +401,57 @@ struct GuestArgs {
     #[arg(long, value_parser = parse_mac_arg)]
     mac: Option<[u8; 6]>,
     #[command(flatten)]
+    snapshot: SnapshotArgs,
+    #[command(flatten)]
     trail: TrailArgs,
+}
+
+/// Snapshots: start from one, take one (see README: snapshots).
+#[derive(Debug, Args)]
+struct SnapshotArgs {
+    /// Start the guest from this snapshot instead of booting it. The kernel, initrd,
+    /// command line (with --nic/--append) and --mem must be those it was taken with.
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
+    /// Take a snapshot at the delivery point at position POS (synchronous exits), write it
+    /// to FILE, and go on.
+    #[arg(long, num_args = 2, value_names = ["POS", "FILE"])]
+    snapshot_at: Option<Vec<String>>,
+}
+
+impl SnapshotArgs {
+    /// The snapshot to start from, read and checked.
+    fn restore(&self) -> anyhow::Result<Option<Arc<Snapshot>>> {
+        let Some(path) = &self.restore else {
+            return Ok(None);
+        };
+        let t0 = std::time::Instant::now();
+        let snap = Snapshot::open(path)?;
+        eprintln!(
+            "twinvm: read snapshot {} (position {}, sha256 {}) in {:.1} ms",
+            path.display(),
+            snap.state.vmm.position,
+            hex(&snap.sha256),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(Some(Arc::new(snap)))
+    }
+
+    fn request(&self) -> anyhow::Result<Option<SnapshotRequest>> {
+        let Some(v) = &self.snapshot_at else {
+            return Ok(None);
+        };
+        let [pos, path] = v.as_slice() else {
+            bail!("--snapshot-at takes a position and a file");
+        };
+        let pos = pos
+            .parse()
+            .with_context(|| format!("--snapshot-at: {pos:?} is not a position (a number)"))?;
+        Ok(Some(SnapshotRequest {
+            pos,
+            path: PathBuf::from(path),
+        }))
+    }
 }
 
 fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
@@ -426,15 +480,7 @@ fn from_guest_dir(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 
 /// SHA-256 of a file.
 fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(h.finalize().into())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Ok(vmm::snapshot::sha256_file(path)?)
 }
 
 impl GuestArgs {
@@ -480,6 +526,8 @@ impl GuestArgs {
             tap: self.tap.clone(),
             corrupt_at: None,
             page_trail: self.trail.config(),
+            restore: self.snapshot.restore()?,
+            snapshot_at: self.snapshot.request()?,
         })
     }
 }
@@ -526,6 +574,8 @@ impl ReplayArgs {
             tap: None,
             corrupt_at: self.test_corrupt_at,
             page_trail: self.trail.config(),
+            restore: None,
+            snapshot_at: self.snapshot.request()?,
         })
     }
 }
@@ -555,6 +605,10 @@ fn write_stats(
         "digest_s": secs(s.digest_time),
         "digest_pages": s.digest_pages,
         "log_bytes": log_bytes,
+        "snapshot_bytes": s.snapshot.map(|f| f.bytes),
+        "snapshot_pages": s.snapshot.map(|f| f.pages_stored),
+        "snapshot_s": s.snapshot.map(|f| secs(f.took)),
+        "restore_s": s.restore.map(secs),
     });
     std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))
 }
@@ -645,7 +699,8 @@ fn record(args: &RecordArgs) -> anyhow::Result<RunOutcome> {
         cfg.digest_interval,
         args.vm_id.clone(),
     )
-    .with_cpuid(placement.cpuid);
+    .with_cpuid(placement.cpuid)
+    .with_snapshot(cfg.restore.as_ref().map(|s| s.sha256));
     let recorder = Recorder::create(&args.log, &header)?;
     run(
         &cfg,
@@ -669,7 +724,8 @@ fn pair_header(
         digest_interval,
         vm_id,
     )
-    .with_cpuid(cpuid))
+    .with_cpuid(cpuid)
+    .with_snapshot(cfg.restore.as_ref().map(|s| s.sha256)))
 }
 
 fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
@@ -1007,8 +1063,49 @@ fn ack_without_replay(mut rx: logchannel::transport::LogReceiver) -> anyhow::Res
 }
 
 fn replay(args: &ReplayArgs) -> anyhow::Result<RunOutcome> {
-    let replayer = Replayer::open(&args.log)?;
+    let mut replayer = Replayer::open(&args.log)?;
     let mut cfg = args.to_config(replayer.header())?;
+    let header = replayer.header().clone();
+    let log = args.log.display();
+    match (header.snapshot_sha256, args.snapshot.restore()?) {
+        (None, None) => {}
+        (Some(want), None) => bail!(
+            "{log} was recorded from snapshot {}: replay it with --restore and that snapshot",
+            hex(&want)
+        ),
+        (Some(want), Some(snap)) => {
+            if snap.sha256 != want {
+                return Err(RrError::ImageMismatch(format!(
+                    "snapshot {} (sha256 {}) is not the one {log} was recorded from ({}): replay refuses to start from another",
+                    snap.path.display(),
+                    hex(&snap.sha256),
+                    hex(&want)
+                ))
+                .into());
+            }
+            cfg.restore = Some(snap);
+        }
+        (None, Some(snap)) => {
+            // A snapshot taken in this recording: the replay starts at its position.
+            match snap.state.vmm.log {
+                Some(point) if point.header_sha256 == header.sha256() => {
+                    replayer.skip_to(point.entries, snap.state.vmm.position)?;
+                    eprintln!(
+                        "twinvm: replaying from the snapshot's position {} (log entry {})",
+                        snap.state.vmm.position, point.entries
+                    );
+                }
+                _ => {
+                    return Err(RrError::ImageMismatch(format!(
+                        "snapshot {} was not taken in the recording {log}, and {log} was recorded from a boot: replay refuses to start from it",
+                        snap.path.display()
+                    ))
+                    .into())
+                }
+            }
+            cfg.restore = Some(snap);
+        }
+    }
     let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
     let placement = vmm::hostcpu::for_replay(&kvm, replayer.header().cpuid.as_deref(), cfg.cpu)?;
     cfg.cpu = placement.cpu;

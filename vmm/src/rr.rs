@@ -146,6 +146,8 @@ impl Rate {
 #[derive(Debug)]
 pub struct Recorder {
     sink: Sink,
+    /// SHA-256 of the log's header (a snapshot taken while recording names it).
+    header_sha256: [u8; 32],
     lag: Option<LagLimit>,
     /// Time the guest was held back by the lag limit.
     pub throttled: Duration,
@@ -199,6 +201,7 @@ impl Recorder {
     pub fn create(path: &Path, header: &LogHeader) -> Result<Self, RrError> {
         Ok(Recorder {
             sink: Sink::File(LogWriter::create(path, header)?),
+            header_sha256: header.sha256(),
             lag: None,
             throttled: Duration::ZERO,
             replay_throttled: Duration::ZERO,
@@ -211,6 +214,7 @@ impl Recorder {
     /// the backup lags beyond `lag`.
     pub fn live(sender: Arc<LogSender>, lag: LagLimit) -> Self {
         Recorder {
+            header_sha256: [0; 32],
             sink: Sink::Net(sender),
             lag: Some(lag),
             throttled: Duration::ZERO,
@@ -347,6 +351,28 @@ impl Replayer {
     /// Entries consumed so far.
     pub fn consumed(&self) -> u64 {
         self.index
+    }
+
+    /// Starts the replay after the first `entries` entries of the log, the point where the
+    /// snapshot it resumes from was taken (at position `pos`): they are read and checked
+    /// to lie at or before `pos`, and the entry after them must not.
+    pub fn skip_to(&mut self, entries: u64, pos: u64) -> Result<(), RrError> {
+        while self.index < entries {
+            self.fill(pos)?;
+            let e = self.take();
+            if e.pos().get() > pos {
+                return Err(RrError::Divergence {
+                    pos,
+                    entry: self.index - 1,
+                    what: format!(
+                        "the snapshot was taken at position {pos} after {entries} log entries, but entry {} is at position {}: it was not taken in this recording",
+                        self.index - 1,
+                        e.pos().get()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads ahead the next entry (blocking on a live stream).
@@ -503,6 +529,25 @@ pub fn describe(e: &Entry) -> String {
 }
 
 impl Mode {
+    /// Where in its log the machine is, for a snapshot: a recording to a file or a replay
+    /// of one (a live pair's stream is not a file a replay could start from).
+    pub fn log_point(&self) -> Option<crate::snapshot::LogPoint> {
+        match self {
+            Mode::Record(r) => match &r.sink {
+                Sink::File(w) => Some(crate::snapshot::LogPoint {
+                    header_sha256: r.header_sha256,
+                    entries: w.entries(),
+                }),
+                Sink::Net(_) => None,
+            },
+            Mode::Replay(r) if !r.is_live() => Some(crate::snapshot::LogPoint {
+                header_sha256: r.header().sha256(),
+                entries: r.consumed(),
+            }),
+            _ => None,
+        }
+    }
+
     /// Whether inputs come from the log.
     pub fn is_replay(&self) -> bool {
         matches!(self, Mode::Replay(_))

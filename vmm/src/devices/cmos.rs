@@ -122,7 +122,36 @@ impl Default for Cmos {
     }
 }
 
+/// What a snapshot keeps of the CMOS (see [`Cmos::state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    /// The selected register.
+    pub index: u8,
+    /// All 128 bytes of RAM (clock registers included).
+    pub ram: Vec<u8>,
+    /// Guest-set time minus host time, in ns.
+    pub offset_ns: i128,
+}
+
 impl Cmos {
+    /// The device's state, for a snapshot.
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+            offset_ns: self.offset_ns,
+        }
+    }
+
+    /// The device in a snapshot's state; `None` if the RAM is not 128 bytes.
+    pub fn from_state(s: &CmosState) -> Option<Self> {
+        Some(Cmos {
+            index: s.index,
+            ram: s.ram.as_slice().try_into().ok()?,
+            offset_ns: s.offset_ns,
+        })
+    }
+
     /// A CMOS in 24-hour BCD mode, the PC default, with valid RAM.
     pub fn new() -> Self {
         let mut ram = [0u8; 128];
