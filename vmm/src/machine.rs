@@ -96,6 +96,8 @@ pub struct VmConfig {
     pub restore: Option<Arc<Snapshot>>,
     /// Take a snapshot at this delivery point.
     pub snapshot_at: Option<SnapshotRequest>,
+    /// Where a snapshot asked for while running ([`HostEvent::Snapshot`], SIGUSR1) goes.
+    pub snapshot_on_signal: Option<PathBuf>,
 }
 
 /// A snapshot to take at a position (`--snapshot-at POS FILE`).
@@ -245,6 +247,8 @@ pub enum HostEvent {
     NetReady,
     /// The log channel failed: the loop checks its peer (a halted guest would not).
     PeerLost,
+    /// Take a snapshot at the next delivery point (to [`VmConfig::snapshot_on_signal`]).
+    Snapshot,
 }
 
 /// Counters of one run, for benchmarks and the closing log line.
@@ -544,9 +548,12 @@ impl MachineHandle {
         if stop {
             self.stop.store(true, Ordering::Release);
         }
+        // A snapshot is taken at the next delivery point: a guest running user code without
+        // exits is kicked so that the loop sees the request before its next exit.
+        let kick = stop || matches!(ev, HostEvent::Snapshot);
         // The loop may be gone already; then there is nothing to tell it.
         let _ = self.events.send(ev);
-        if stop {
+        if kick {
             self.kick.kick();
         }
     }
@@ -607,6 +614,9 @@ pub struct Machine {
     image: Option<ImageId>,
     /// The snapshot to take.
     snapshot_at: Option<SnapshotRequest>,
+    /// Where a snapshot asked for while running goes, and whether one was asked for.
+    snapshot_on_signal: Option<PathBuf>,
+    snapshot_wanted: bool,
     /// A restored machine starts at its snapshot's delivery point: whether the guest had
     /// halted there.
     resume_halted: Option<bool>,
@@ -638,7 +648,10 @@ impl Machine {
         }
         let kvm = vstate::open_kvm(&cfg.kvm_path)?;
         let mem = memory::create_guest_memory(cfg.mem_mib)?;
-        let image = if cfg.restore.is_some() || cfg.snapshot_at.is_some() {
+        let image = if cfg.restore.is_some()
+            || cfg.snapshot_at.is_some()
+            || cfg.snapshot_on_signal.is_some()
+        {
             Some(ImageId::of(
                 &cfg.kernel,
                 cfg.initrd.as_deref(),
@@ -743,6 +756,8 @@ impl Machine {
             status_written: None,
             image,
             snapshot_at: cfg.snapshot_at.clone(),
+            snapshot_on_signal: cfg.snapshot_on_signal.clone(),
+            snapshot_wanted: false,
             resume_halted: None,
             carried_dirty: Vec::new(),
         };
@@ -1451,6 +1466,14 @@ impl Machine {
                 None
             }
             HostEvent::InputClosed | HostEvent::NetReady | HostEvent::PeerLost => None,
+            HostEvent::Snapshot => {
+                if self.snapshot_on_signal.is_some() {
+                    self.snapshot_wanted = true;
+                } else {
+                    eprintln!("twinvm: a snapshot was asked for, but no file was given (--snapshot-on-sigusr1)");
+                }
+                None
+            }
             HostEvent::Stop(sig) => {
                 self.flush_console();
                 Some(RunOutcome::Stopped(sig))
@@ -1468,6 +1491,11 @@ impl Machine {
         if self.snapshot_at.as_ref().is_some_and(|r| r.pos == pos) {
             if let Some(req) = self.snapshot_at.take() {
                 self.take_snapshot(pos, halted, &req.path)?;
+            }
+        }
+        if std::mem::take(&mut self.snapshot_wanted) {
+            if let Some(path) = self.snapshot_on_signal.clone() {
+                self.take_snapshot(pos, halted, &path)?;
             }
         }
         if self.corrupt_at == Some(pos) {

@@ -417,6 +417,10 @@ struct SnapshotArgs {
     /// to FILE, and go on.
     #[arg(long, num_args = 2, value_names = ["POS", "FILE"])]
     snapshot_at: Option<Vec<String>>,
+    /// On every SIGUSR1, take a snapshot at the next delivery point and write it to FILE
+    /// (replacing the last one).
+    #[arg(long, value_name = "FILE")]
+    snapshot_on_sigusr1: Option<PathBuf>,
 }
 
 impl SnapshotArgs {
@@ -528,6 +532,7 @@ impl GuestArgs {
             page_trail: self.trail.config(),
             restore: self.snapshot.restore()?,
             snapshot_at: self.snapshot.request()?,
+            snapshot_on_signal: self.snapshot.snapshot_on_sigusr1.clone(),
         })
     }
 }
@@ -576,6 +581,7 @@ impl ReplayArgs {
             page_trail: self.trail.config(),
             restore: None,
             snapshot_at: self.snapshot.request()?,
+            snapshot_on_signal: self.snapshot.snapshot_on_sigusr1.clone(),
         })
     }
 }
@@ -638,6 +644,10 @@ fn run_boxed(
     let handle = machine.handle();
     // A second SIGINT or SIGTERM while the first stop is pending exits at once.
     vmm::signals::spawn_stop_on_signals(handle.clone()).context("starting the signal thread")?;
+    if cfg.snapshot_on_signal.is_some() {
+        vmm::signals::spawn_snapshot_on_sigusr1(handle.clone())
+            .context("starting the SIGUSR1 thread")?;
+    }
     // A replay never reads the terminal: its console input comes from the log (a live
     // backup forwards the terminal, but the machine ignores it until it goes live).
     let _term = interactive.then(TerminalGuard::new);
