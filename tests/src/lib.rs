@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 pub mod bench;
 pub mod netns;
+pub mod snapshots;
 pub mod soak;
 pub mod timecheck;
 

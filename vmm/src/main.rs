@@ -1083,37 +1083,36 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<RunOutcome> {
             "{log} was recorded from snapshot {}: replay it with --restore and that snapshot",
             hex(&want)
         ),
-        (Some(want), Some(snap)) => {
-            if snap.sha256 != want {
-                return Err(RrError::ImageMismatch(format!(
-                    "snapshot {} (sha256 {}) is not the one {log} was recorded from ({}): replay refuses to start from another",
-                    snap.path.display(),
-                    hex(&snap.sha256),
-                    hex(&want)
-                ))
-                .into());
-            }
+        // The snapshot the recording starts from.
+        (Some(want), Some(snap)) if snap.sha256 == want => cfg.restore = Some(snap),
+        // A snapshot taken in this recording (or in a replay of it): the replay starts at
+        // its position.
+        (_, Some(snap))
+            if snap
+                .state
+                .vmm
+                .log
+                .is_some_and(|p| p.header_sha256 == header.sha256()) =>
+        {
+            let point = snap.state.vmm.log.expect("checked");
+            replayer.skip_to(point.entries, snap.state.vmm.position)?;
+            eprintln!(
+                "twinvm: replaying from the snapshot's position {} (log entry {})",
+                snap.state.vmm.position, point.entries
+            );
             cfg.restore = Some(snap);
         }
-        (None, Some(snap)) => {
-            // A snapshot taken in this recording: the replay starts at its position.
-            match snap.state.vmm.log {
-                Some(point) if point.header_sha256 == header.sha256() => {
-                    replayer.skip_to(point.entries, snap.state.vmm.position)?;
-                    eprintln!(
-                        "twinvm: replaying from the snapshot's position {} (log entry {})",
-                        snap.state.vmm.position, point.entries
-                    );
-                }
-                _ => {
-                    return Err(RrError::ImageMismatch(format!(
-                        "snapshot {} was not taken in the recording {log}, and {log} was recorded from a boot: replay refuses to start from it",
-                        snap.path.display()
-                    ))
-                    .into())
-                }
-            }
-            cfg.restore = Some(snap);
+        (want, Some(snap)) => {
+            let starts = match want {
+                Some(h) => format!("from snapshot {}", hex(&h)),
+                None => "from a boot".to_string(),
+            };
+            return Err(RrError::ImageMismatch(format!(
+                "snapshot {} (sha256 {}) is neither the one {log} was recorded from ({log} starts {starts}) nor one taken in that recording: replay refuses to start from it",
+                snap.path.display(),
+                hex(&snap.sha256),
+            ))
+            .into());
         }
     }
     let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
