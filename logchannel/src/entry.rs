@@ -354,6 +354,15 @@ pub enum Entry {
         /// Why it ended.
         reason: EndReason,
     },
+    /// A machine snapshot was taken at this delivery point (it comes first there). Taking
+    /// one resets the VM's memory mappings, which KVM's dirty log can depend on: a replay
+    /// does the same here, so that its digests go on matching.
+    Snapshot {
+        /// The delivery point.
+        pos: Position,
+        /// The snapshot file's SHA-256.
+        sha256: [u8; 32],
+    },
 }
 
 impl Entry {
@@ -368,7 +377,8 @@ impl Entry {
             | Entry::NetRx { pos, .. }
             | Entry::Landmark { pos, .. }
             | Entry::Heartbeat { pos }
-            | Entry::End { pos, .. } => *pos,
+            | Entry::End { pos, .. }
+            | Entry::Snapshot { pos, .. } => *pos,
             Entry::Digest(d) => d.pos,
         }
     }
@@ -386,6 +396,7 @@ impl Entry {
             Entry::Landmark { .. } => "Landmark",
             Entry::Heartbeat { .. } => "Heartbeat",
             Entry::End { .. } => "End",
+            Entry::Snapshot { .. } => "Snapshot",
         }
     }
 }

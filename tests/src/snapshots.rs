@@ -60,7 +60,13 @@ impl FileLock {
             .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
         // SAFETY: flock(2) on a descriptor this File owns for the call's duration.
         let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(r, 0, "flock {}: {}", path.display(), std::io::Error::last_os_error());
+        assert_eq!(
+            r,
+            0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
         FileLock(f)
     }
 }
@@ -105,8 +111,7 @@ pub fn prompt_snapshot() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let dir = cache_dir();
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let path = dir.join(prompt_key());
         let _lock = FileLock::take(&path.with_extension("lock"));
         if !path.exists() {

@@ -1069,11 +1069,7 @@ impl Machine {
         })?;
         self.complete_pending_io()?;
         if self.mode.wants_digests() {
-            let mut dirty = take_dirty_pages(&self.vm, &self.mem)?;
-            dirty.extend_from_slice(&self.carried_dirty);
-            dirty.sort_unstable();
-            dirty.dedup();
-            self.carried_dirty = dirty;
+            self.carry_dirty_pages()?;
         }
         Ok(SnapshotState {
             image,
@@ -1107,11 +1103,44 @@ impl Machine {
         })
     }
 
+    /// Drops KVM's mappings of guest memory, as a VM restored from a snapshot starts without
+    /// them: on this project's software KVM, which writes of a page the dirty log records
+    /// was measured to depend on the mappings built before (a replay whose VM was reset at
+    /// a position logged pages its recording, not reset, had not). The machine that takes a
+    /// snapshot, the one restored from it and every replay of the log that records it then
+    /// go on from the same state.
+    fn reset_mmu(&mut self) -> Result<(), MachineError> {
+        let log_dirty = self.mode.wants_digests();
+        if log_dirty {
+            // Deleting a slot drops its dirty log: what it holds goes to the next digest.
+            self.carry_dirty_pages()?;
+        }
+        vstate::reset_memory_slots(&self.vm, &self.mem, log_dirty)?;
+        Ok(())
+    }
+
+    /// Moves the pages dirtied since the last digest from KVM's dirty log (and vm-memory's
+    /// bitmap) into the set the next digest covers.
+    fn carry_dirty_pages(&mut self) -> Result<(), MachineError> {
+        let mut dirty = take_dirty_pages(&self.vm, &self.mem)?;
+        dirty.extend_from_slice(&self.carried_dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        self.carried_dirty = dirty;
+        Ok(())
+    }
+
     /// Writes a snapshot of the machine at this delivery point to `path`.
     fn take_snapshot(&mut self, pos: u64, halted: bool, path: &Path) -> Result<(), MachineError> {
         let t0 = Instant::now();
         let state = self.snapshot_state(pos, halted)?;
         let w = crate::snapshot::write(path, &state, &self.mem)?;
+        if self.mode.is_replay() && !self.mode.snapshot_logged_at(pos) {
+            eprintln!(
+                "twinvm: note: this snapshot was taken in a replay where the recording took none; on a host whose dirty log depends on the VM's mapping history (this project's software KVM), a replay from it may report pages its recording did not log (see README: snapshots)"
+            );
+        }
+        self.rr(|m| m.snapshot_taken(pos, w.sha256))?;
         let took = t0.elapsed();
         eprintln!(
             "twinvm: snapshot at position {pos} written to {}: {} bytes ({} of {} pages stored) in {:.1} ms, sha256 {}",
@@ -1182,6 +1211,16 @@ impl Machine {
         // The run structure's flags (`ready_for_interrupt_injection`, `if_flag`) are read at
         // the first delivery point: KVM fills them in at a KVM_RUN.
         self.complete_pending_io()?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            if let Ok(f) = self.vcpu.get_fpu() {
+                tracing::debug!(
+                    "FPU after the first KVM_RUN: xmm0 {:02x?} xmm1 {:02x?}, mxcsr {:#x}",
+                    f.xmm[0],
+                    f.xmm[1],
+                    f.mxcsr
+                );
+            }
+        }
         Ok(())
     }
 
@@ -1488,15 +1527,23 @@ impl Machine {
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
+        // A replay whose recording took a snapshot here does what taking it did to the VM.
+        let logged = self.rr(|m| m.snapshot_here(pos))?.is_some();
+        let mut taken = false;
         if self.snapshot_at.as_ref().is_some_and(|r| r.pos == pos) {
             if let Some(req) = self.snapshot_at.take() {
                 self.take_snapshot(pos, halted, &req.path)?;
+                taken = true;
             }
         }
         if std::mem::take(&mut self.snapshot_wanted) {
             if let Some(path) = self.snapshot_on_signal.clone() {
                 self.take_snapshot(pos, halted, &path)?;
+                taken = true;
             }
+        }
+        if logged || (taken && !self.mode.is_replay()) {
+            self.reset_mmu()?;
         }
         if self.corrupt_at == Some(pos) {
             self.corrupt_guest_memory(pos);

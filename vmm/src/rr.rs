@@ -181,6 +181,8 @@ pub struct Replayer {
     eof: bool,
     /// Digests compared so far (all matched, or the replay would have stopped).
     pub digests_matched: u64,
+    /// The position of the last snapshot entry taken.
+    snapshot_seen: Option<u64>,
 }
 
 /// Where the machine's non-deterministic inputs come from.
@@ -327,6 +329,7 @@ impl Replayer {
             index: 0,
             eof: false,
             digests_matched: 0,
+            snapshot_seen: None,
         }
     }
 
@@ -525,6 +528,9 @@ pub fn describe(e: &Entry) -> String {
         Entry::Landmark { .. } => "a landmark".to_string(),
         Entry::Heartbeat { .. } => "a heartbeat".to_string(),
         Entry::End { reason, .. } => format!("the end ({reason:?})"),
+        Entry::Snapshot { sha256, .. } => {
+            format!("a snapshot ({})", crate::snapshot::hex(sha256))
+        }
     }
 }
 
@@ -546,6 +552,37 @@ impl Mode {
             }),
             _ => None,
         }
+    }
+
+    /// A snapshot with this SHA-256 was taken at the delivery point `pos`: recorded.
+    pub fn snapshot_taken(&mut self, pos: u64, sha256: [u8; 32]) -> Result<(), RrError> {
+        match self {
+            Mode::Record(r) => r.append(&Entry::Snapshot {
+                pos: Position(pos),
+                sha256,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the replayed log recorded a snapshot at `pos` (its entry already taken).
+    pub fn snapshot_logged_at(&self, pos: u64) -> bool {
+        matches!(self, Mode::Replay(r) if r.snapshot_seen == Some(pos))
+    }
+
+    /// In a replay, whether the recording took a snapshot at the delivery point `pos` (the
+    /// entry is taken): the replay resets its memory mappings there as the recording did.
+    pub fn snapshot_here(&mut self, pos: u64) -> Result<Option<[u8; 32]>, RrError> {
+        let Mode::Replay(r) = self else {
+            return Ok(None);
+        };
+        if let Some(Entry::Snapshot { .. }) = r.peek_at(pos)? {
+            if let Entry::Snapshot { sha256, .. } = r.take() {
+                r.snapshot_seen = Some(pos);
+                return Ok(Some(sha256));
+            }
+        }
+        Ok(None)
     }
 
     /// Whether inputs come from the log.

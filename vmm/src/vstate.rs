@@ -143,6 +143,37 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemory, log_dirty: bool) -> Result<VmFd, 
     Ok(vm)
 }
 
+/// Deletes guest memory's slots and registers them again (with dirty logging if
+/// `log_dirty`): KVM drops every mapping it built of them (shadow or EPT page tables) and
+/// starts over, as a VM created now would. A snapshot does this so that the machine that took
+/// it and one restored from it go on from the same MMU state (see `snapshot`).
+pub fn reset_memory_slots(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    log_dirty: bool,
+) -> Result<(), VstateError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let mut desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: 0,
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: a size of 0 deletes the slot; KVM stops using the mapping.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(ioctl_err("delete a memory slot"))?;
+        desc.memory_size = region.len();
+        if log_dirty {
+            desc.flags = kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        // SAFETY: as in `create_vm`: the region is a live mapping of `memory_size` bytes owned
+        // by `mem`, which the caller keeps alive for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(ioctl_err("register guest memory again"))?;
+    }
+    Ok(())
+}
+
 /// Injects an external interrupt with `vector` into a vCPU that has no in-kernel irqchip.
 /// The caller must have seen `ready_for_interrupt_injection` at the last exit.
 pub fn inject_interrupt(vcpu: &VcpuFd, vector: u8) -> Result<(), VstateError> {

@@ -46,7 +46,7 @@ pub use vcpu::VcpuState;
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"TWINVMSS";
 /// The format this VMM writes and reads. Bump on any change of [`SnapshotState`] or the
 /// layout: an old file is refused with both versions named, never misread.
-pub const SNAPSHOT_VERSION: u16 = 1;
+pub const SNAPSHOT_VERSION: u16 = 2;
 /// Size of a guest page.
 pub const PAGE_SIZE: usize = 4096;
 /// Bytes before the state: magic, version, state length.
@@ -297,7 +297,7 @@ pub struct VmmState {
 }
 
 /// Everything but guest memory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotState {
     /// What the snapshot belongs to.
     pub image: ImageId,

@@ -36,6 +36,7 @@ fn state(mem_mib: u64) -> SnapshotState {
                 xmm: vec![[7; 16]; 16],
                 mxcsr: 0x1f80,
             },
+            xsave: None,
             msrs: vec![(0xc000_0082, 0xffff_ffff_8180_0000)],
             events: Default::default(),
             debugregs: Default::default(),
