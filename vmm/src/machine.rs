@@ -289,6 +289,8 @@ pub struct RunStats {
     /// Time to put a snapshot's memory, vCPU and devices into this machine, if it was
     /// restored (reading and checking the file comes before).
     pub restore: Option<Duration>,
+    /// Time it took to read and check the snapshot file.
+    pub restore_read: Option<Duration>,
 }
 
 /// Figures of a snapshot taken.
@@ -764,6 +766,7 @@ impl Machine {
         if let Some(snap) = &cfg.restore {
             machine.restore_from(snap)?;
             machine.stats.restore = Some(restore_t0.elapsed());
+            machine.stats.restore_read = Some(snap.read_time);
         }
         if machine.mode.primary_released().is_some() {
             let out = ReplayedOutput::default();

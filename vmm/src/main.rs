@@ -429,14 +429,13 @@ impl SnapshotArgs {
         let Some(path) = &self.restore else {
             return Ok(None);
         };
-        let t0 = std::time::Instant::now();
         let snap = Snapshot::open(path)?;
-        eprintln!(
-            "twinvm: read snapshot {} (position {}, sha256 {}) in {:.1} ms",
+        tracing::info!(
+            "read snapshot {} (position {}, sha256 {}) in {:.1} ms",
             path.display(),
             snap.state.vmm.position,
             hex(&snap.sha256),
-            t0.elapsed().as_secs_f64() * 1e3
+            snap.read_time.as_secs_f64() * 1e3
         );
         Ok(Some(Arc::new(snap)))
     }
@@ -615,6 +614,7 @@ fn write_stats(
         "snapshot_pages": s.snapshot.map(|f| f.pages_stored),
         "snapshot_s": s.snapshot.map(|f| secs(f.took)),
         "restore_s": s.restore.map(secs),
+        "snapshot_read_s": s.restore_read.map(secs),
     });
     std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))
 }

@@ -325,6 +325,8 @@ pub struct Snapshot {
     bitmap: Vec<u8>,
     /// The stored pages, in page order.
     data: Vec<u8>,
+    /// Time it took to read and check the file.
+    pub read_time: std::time::Duration,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -487,10 +489,13 @@ pub fn read_identity(path: &Path) -> Result<[u8; 32], SnapshotError> {
 impl Snapshot {
     /// Reads and checks a snapshot file: magic, version, layout, checksum, state.
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
+        let t0 = std::time::Instant::now();
         let p = || path.to_path_buf();
         let bytes =
             std::fs::read(path).map_err(|source| SnapshotError::Io { path: p(), source })?;
-        Self::parse(path, &bytes)
+        let mut snap = Self::parse(path, &bytes)?;
+        snap.read_time = t0.elapsed();
+        Ok(snap)
     }
 
     fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SnapshotError> {
@@ -579,6 +584,7 @@ impl Snapshot {
             pages,
             bitmap: bitmap.to_vec(),
             data: bytes[data_start as usize..(len - 32) as usize].to_vec(),
+            read_time: std::time::Duration::ZERO,
         })
     }
 
