@@ -942,3 +942,55 @@ impl Mode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(entries: &[Entry]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("twinvm-rr-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("log-{}", entries.len()));
+        let header = LogHeader::new([1; 32], [2; 32], "console=ttyS0", 64, 0, "vm");
+        let mut r = Recorder::create(&path, &header).unwrap();
+        for e in entries {
+            r.append(e).unwrap();
+        }
+        r.finish().unwrap();
+        path
+    }
+
+    fn irq(pos: u64) -> Entry {
+        Entry::IrqLine {
+            pos: Position(pos),
+            line: 0,
+        }
+    }
+
+    #[test]
+    fn a_replay_skips_to_a_snapshots_entry_and_refuses_a_point_not_in_its_log() {
+        let snap = Entry::Snapshot {
+            pos: Position(20),
+            sha256: [3; 32],
+        };
+        let log = log_with(&[irq(5), irq(20), snap, irq(20), irq(30)]);
+        let mut mode = Mode::Replay(Box::new(Replayer::open(&log).unwrap()));
+        if let Mode::Replay(r) = &mut mode {
+            r.skip_to(2, 20).unwrap();
+            assert_eq!(r.consumed(), 2);
+        }
+        // The snapshot entry comes first at its delivery point, then the rest there.
+        assert_eq!(mode.snapshot_here(20).unwrap(), Some([3; 32]));
+        assert!(mode.snapshot_logged_at(20));
+        assert_eq!(mode.snapshot_here(20).unwrap(), None);
+
+        // A point that claims fewer positions than its entries have is not of this log.
+        let mut r = Replayer::open(&log).unwrap();
+        match r.skip_to(2, 10) {
+            Err(RrError::Divergence { what, .. }) => {
+                assert!(what.contains("not taken in this recording"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
