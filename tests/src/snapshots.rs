@@ -121,14 +121,3 @@ pub fn prompt_snapshot() -> PathBuf {
     })
     .clone()
 }
-
-impl Vm {
-    /// Starts `twinvm SUBCOMMAND --restore <prompt snapshot> ARGS...`: a guest at its shell
-    /// prompt, ready for [`Vm::type_text`].
-    pub fn at_prompt(subcommand: &str, args: &[&str]) -> Vm {
-        let snap = prompt_snapshot();
-        let mut all = vec![subcommand, "--restore", snap.to_str().unwrap()];
-        all.extend_from_slice(args);
-        Vm::spawn(&all)
-    }
-}

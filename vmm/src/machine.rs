@@ -824,6 +824,14 @@ impl Machine {
             result = Ok(RunOutcome::Stopped(sig));
         }
         let pos = self.position();
+        if let Some(req) = &self.snapshot_at {
+            eprintln!(
+                "twinvm: no snapshot written to {}: the guest ended at position {pos}, {} position {}",
+                req.path.display(),
+                if req.pos < pos { "past" } else { "before" },
+                req.pos
+            );
+        }
         if let Err(MachineError::Rr(RrError::Divergence {
             pos: at,
             entry,
