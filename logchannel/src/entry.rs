@@ -634,6 +634,23 @@ mod tests {
     }
 
     #[test]
+    fn a_pair_from_another_snapshot_or_from_a_boot_is_refused() {
+        let boot = LogHeader::new([1; 32], [2; 32], "console=ttyS0", 128, 1000, "vm1");
+        let snap = boot.clone().with_snapshot(Some([9; 32]));
+        let other = boot.clone().with_snapshot(Some([8; 32]));
+        assert!(snap.check_matches(&snap.clone()).is_ok());
+        let e = boot.check_matches(&snap).unwrap_err();
+        assert!(
+            e.contains("ours starts with a boot, theirs starts from snapshot 0909"),
+            "{e}"
+        );
+        assert!(snap.check_matches(&other).is_err());
+        // The header hash names the recording: the snapshot is part of it.
+        assert_ne!(snap.sha256(), other.sha256());
+        assert_eq!(snap.sha256(), snap.clone().sha256());
+    }
+
+    #[test]
     fn header_mismatch_names_the_fields() {
         let a = LogHeader::new([1; 32], [2; 32], "console=ttyS0", 128, 1000, "vm1");
         assert!(a.check_matches(&a.clone()).is_ok());
