@@ -73,6 +73,10 @@ pub struct LogHeader {
     /// guest `CPUID` natively (no trap to the VMM); `None` where `CPUID` exits and the VMM's
     /// table answers, which is the same on every host (DESIGN.md, Determinism 6).
     pub cpuid: Option<Vec<CpuidLeaf>>,
+    /// The SHA-256 of the machine snapshot the recording starts from (`twinvm record
+    /// --restore`); `None` for a recording that starts with a boot. A replay must restore
+    /// the same snapshot.
+    pub snapshot_sha256: Option<[u8; 32]>,
 }
 
 /// One `CPUID` leaf and sub-leaf as a host CPU answers it.
@@ -146,7 +150,23 @@ impl LogHeader {
             digest_interval,
             vm_id: vm_id.into(),
             cpuid: None,
+            snapshot_sha256: None,
         }
+    }
+
+    /// The same header for a recording that starts from the snapshot with this SHA-256.
+    pub fn with_snapshot(mut self, snapshot_sha256: Option<[u8; 32]>) -> Self {
+        self.snapshot_sha256 = snapshot_sha256;
+        self
+    }
+
+    /// SHA-256 of the header's encoding: names the recording a snapshot was taken in.
+    pub fn sha256(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        // Encoding a header into memory cannot fail (no maps with non-string keys, no
+        // unsupported types); were it to, the empty encoding still gives a fixed hash.
+        let bytes = postcard::to_stdvec(self).unwrap_or_default();
+        sha2::Sha256::digest(&bytes).into()
     }
 
     /// The same header naming the host CPU's `CPUID` fingerprint (see [`LogHeader::cpuid`]).
@@ -209,6 +229,17 @@ impl LogHeader {
                 "cpuid: ours {}, theirs {}",
                 says(&self.cpuid),
                 says(&other.cpuid)
+            ));
+        }
+        if self.snapshot_sha256 != other.snapshot_sha256 {
+            let says = |s: &Option<[u8; 32]>| match s {
+                Some(h) => format!("starts from snapshot {}", hex(h)),
+                None => "starts with a boot".to_string(),
+            };
+            diffs.push(format!(
+                "snapshot: ours {}, theirs {}",
+                says(&self.snapshot_sha256),
+                says(&other.snapshot_sha256)
             ));
         }
         if diffs.is_empty() {
@@ -345,6 +376,15 @@ pub enum Entry {
         /// Why it ended.
         reason: EndReason,
     },
+    /// A machine snapshot was taken at this delivery point (it comes first there). Taking
+    /// one resets the VM's memory mappings, which KVM's dirty log can depend on: a replay
+    /// does the same here, so that its digests go on matching.
+    Snapshot {
+        /// The delivery point.
+        pos: Position,
+        /// The snapshot file's SHA-256.
+        sha256: [u8; 32],
+    },
 }
 
 impl Entry {
@@ -361,7 +401,8 @@ impl Entry {
             | Entry::Preempt { pos, .. }
             | Entry::PreemptPages { pos, .. }
             | Entry::Heartbeat { pos }
-            | Entry::End { pos, .. } => *pos,
+            | Entry::End { pos, .. }
+            | Entry::Snapshot { pos, .. } => *pos,
             Entry::Digest(d) => d.pos,
         }
     }
@@ -381,6 +422,7 @@ impl Entry {
             Entry::PreemptPages { .. } => "PreemptPages",
             Entry::Heartbeat { .. } => "Heartbeat",
             Entry::End { .. } => "End",
+            Entry::Snapshot { .. } => "Snapshot",
         }
     }
 }
@@ -615,6 +657,23 @@ mod tests {
         assert!(text.contains("register rip"), "{text}");
         assert!(text.contains("0x0000000000002000"), "{text}");
         assert!(text.contains("page gfn 0x3"), "{text}");
+    }
+
+    #[test]
+    fn a_pair_from_another_snapshot_or_from_a_boot_is_refused() {
+        let boot = LogHeader::new([1; 32], [2; 32], "console=ttyS0", 128, 1000, "vm1");
+        let snap = boot.clone().with_snapshot(Some([9; 32]));
+        let other = boot.clone().with_snapshot(Some([8; 32]));
+        assert!(snap.check_matches(&snap.clone()).is_ok());
+        let e = boot.check_matches(&snap).unwrap_err();
+        assert!(
+            e.contains("ours starts with a boot, theirs starts from snapshot 0909"),
+            "{e}"
+        );
+        assert!(snap.check_matches(&other).is_err());
+        // The header hash names the recording: the snapshot is part of it.
+        assert_ne!(snap.sha256(), other.sha256());
+        assert_eq!(snap.sha256(), snap.clone().sha256());
     }
 
     #[test]

@@ -388,6 +388,10 @@ mod tests {
                 regs_hash: 0x5678,
             },
             Entry::Heartbeat { pos: Position(9) },
+            Entry::Snapshot {
+                pos: Position(9),
+                sha256: [7; 32],
+            },
             Entry::End {
                 pos: Position(10),
                 reason: EndReason::Error("triple fault".into()),

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub mod bench;
 pub mod chaos;
 pub mod netns;
+pub mod snapshots;
 pub mod soak;
 pub mod timecheck;
 

@@ -37,15 +37,30 @@ pub struct TimedRun {
 
 /// Runs `twinvm ARGS` to its end (with `timeout` as a guard), timestamping console lines.
 pub fn run_timed(args: &[&str], timeout: Duration) -> TimedRun {
+    run_timed_typing(args, "", timeout)
+}
+
+/// [`run_timed`], typing `input` at the guest's console first (a guest restored at its
+/// prompt is given its workload this way).
+pub fn run_timed_typing(args: &[&str], input: &str, timeout: Duration) -> TimedRun {
     let t0 = Instant::now();
     let mut child = Command::new(workspace_bin("twinvm"))
         .args(args)
         .env("TWINVM_GUEST_DIR", guest_dir())
-        .stdin(Stdio::null())
+        .stdin(if input.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn twinvm");
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        // A VMM that fails at once has closed its end: its status says why.
+        let _ = stdin.write_all(input.as_bytes());
+    }
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel::<(f64, Vec<u8>)>();

@@ -5,15 +5,36 @@
 //! prints, file I/O on tmpfs), printing CLOCK_MONOTONIC, CLOCK_REALTIME and /proc/uptime
 //! between phases. Under `run` the guest's elapsed time must match the host's within a few
 //! percent; a recording and its replay must print identical values. User RDTSC is checked
-//! the same way where the host honours CR4.TSD.
+//! the same way where the host honours CR4.TSD. Every run starts from the cached snapshot of
+//! a guest at its prompt (see `twinvm_tests::snapshots`), the workload typed at its shell.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use twinvm_tests::timecheck::{drift, run_timed, samples, TimedRun};
+use twinvm_tests::snapshots::prompt_snapshot;
+use twinvm_tests::timecheck::{drift, run_timed_typing, samples, TimedRun};
 
-/// Rounds of the workload: about 12 s each here, so about a minute of workload.
-const ROUNDS: &str = "twinvm.rounds=5";
+/// Typed at the prompt: the guest's clocksource, then a run script (the `time` script runs 5
+/// rounds of about 12 s here without a `twinvm.rounds=` on the command line, about a minute
+/// of workload), its status, and a power-off once the console has drained.
+fn workload(script: &str) -> String {
+    format!(
+        "cat /sys/devices/system/clocksource/clocksource0/current_clocksource; /usr/share/twinvm/run/{script}; echo workload exit $?; twinvm-drain; poweroff -f\n"
+    )
+}
+
+/// `twinvm SUBCOMMAND --restore <prompt snapshot> ARGS...` with `script` typed at the shell.
+fn from_prompt(subcommand: &str, args: &[&str], script: &str) -> TimedRun {
+    let snap = prompt_snapshot();
+    let mut all = vec![subcommand, "--restore", snap.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let input = if subcommand == "replay" {
+        String::new()
+    } else {
+        workload(script)
+    };
+    run_timed_typing(&all, &input, TIMEOUT)
+}
 /// A guard against a hung guest, not a measurement.
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// How far guest elapsed time may stray from host elapsed time, in percent.
@@ -39,11 +60,11 @@ fn check_finished(what: &str, r: &TimedRun) {
     );
     let console = text(&r.console);
     assert!(
-        console.contains("clocksource: Switched to clocksource twinvm"),
+        r.lines.iter().any(|l| l.text.trim() == "twinvm"),
         "{what}: the guest does not keep time with the twinvm clock:\n{console}"
     );
     assert!(
-        console.contains("twinvm-guest: exit 0"),
+        console.contains("workload exit 0"),
         "{what}: the workload did not finish:\n{console}"
     );
 }
@@ -83,30 +104,18 @@ fn check_drift(what: &str, r: &TimedRun) {
 #[test]
 fn guest_time_follows_host_time_and_replays_exactly() {
     // Live: the guest's clocks against the host's.
-    let run = run_timed(
-        &["run", "--append", &format!("twinvm.run=time {ROUNDS}")],
-        TIMEOUT,
-    );
+    let run = from_prompt("run", &[], "time");
     check_finished("run", &run);
     check_drift("run", &run);
 
     // Recorded: the same, and every clock read goes into the log.
     let log = scratch("time.log");
-    let rec = run_timed(
-        &[
-            "record",
-            "--log",
-            log.to_str().unwrap(),
-            "--append",
-            &format!("twinvm.run=time {ROUNDS}"),
-        ],
-        TIMEOUT,
-    );
+    let rec = from_prompt("record", &["--log", log.to_str().unwrap()], "time");
     check_finished("record", &rec);
     check_drift("record", &rec);
 
     // Replayed: the same values, byte for byte, with every digest matched.
-    let rep = run_timed(&["replay", "--log", log.to_str().unwrap()], TIMEOUT);
+    let rep = from_prompt("replay", &["--log", log.to_str().unwrap()], "time");
     assert_eq!(rep.code, Some(0), "replay failed: {}", rep.stderr);
     let (a, b) = (samples(&rec), samples(&rep));
     assert_eq!(
@@ -138,16 +147,7 @@ fn guest_time_follows_host_time_and_replays_exactly() {
 #[test]
 fn user_rdtsc_is_emulated_and_replayed_where_cr4_tsd_works() {
     let log = scratch("rdtsc.log");
-    let rec = run_timed(
-        &[
-            "record",
-            "--log",
-            log.to_str().unwrap(),
-            "--append",
-            "twinvm.run=rdtsc",
-        ],
-        TIMEOUT,
-    );
+    let rec = from_prompt("record", &["--log", log.to_str().unwrap()], "rdtsc");
     check_finished("record", &rec);
     let console = text(&rec.console);
     if console.contains("rdtsc native") {
@@ -161,7 +161,7 @@ fn user_rdtsc_is_emulated_and_replayed_where_cr4_tsd_works() {
     }
     assert!(console.contains("rdtsc emulated"), "{console}");
     assert!(console.contains("rdtsc monotonic yes"), "{console}");
-    let rep = run_timed(&["replay", "--log", log.to_str().unwrap()], TIMEOUT);
+    let rep = from_prompt("replay", &["--log", log.to_str().unwrap()], "rdtsc");
     assert_eq!(rep.code, Some(0), "replay failed: {}", rep.stderr);
     assert!(
         rep.console == rec.console,

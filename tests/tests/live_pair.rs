@@ -1,11 +1,14 @@
 //! End-to-end: a primary and a backup as separate `twinvm` processes over a real TCP log
 //! channel on loopback. The backup replays the primary live and must match it; the primary
-//! holds its console output until the backup has acknowledged the log behind it.
+//! holds its console output until the backup has acknowledged the log behind it. Both sides
+//! start from the cached snapshot of a guest at its prompt (see `twinvm_tests::snapshots`):
+//! the primary's log header names it, and the backup restores the same one.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use twinvm_tests::{Vm, BOOT_TIMEOUT, PROMPT};
+use twinvm_tests::snapshots::prompt_snapshot;
+use twinvm_tests::{Vm, BOOT_TIMEOUT};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("twinvm-pair-{}", std::process::id()));
@@ -38,14 +41,13 @@ fn status_field(path: &Path, field: &str) -> Option<u64> {
 #[test]
 fn backup_replays_the_primary_live_and_matches_it() {
     let console = scratch("backup-hostile.console");
-    let (mut backup, addr) = start_backup(&["--append", "twinvm.run=hostile"], &console);
-    let mut primary = Vm::spawn(&[
-        "primary",
-        "--backup",
-        &addr,
-        "--append",
-        "twinvm.run=hostile",
-    ]);
+    let snap = prompt_snapshot();
+    let restore = ["--restore", snap.to_str().unwrap()];
+    let (mut backup, addr) = start_backup(&restore, &console);
+    let mut args = vec!["primary", "--backup", &addr];
+    args.extend_from_slice(&restore);
+    let mut primary = Vm::spawn(&args);
+    primary.type_text("twinvm-hostile 20; twinvm-drain; poweroff -f\n");
     primary.wait_for("hostile done hash", 0, BOOT_TIMEOUT);
     let p = primary.wait_exit(Duration::from_secs(300));
     assert_eq!(p.code(), Some(0), "primary: {}", primary.stderr());
@@ -73,7 +75,13 @@ fn primary_output_waits_for_the_backups_acks() {
     let console = scratch("backup-ticks.console");
     let status = scratch("primary.status");
     // Long failure timeouts: this test stops the backup on purpose.
-    let timeouts = ["--peer-timeout-ms", "120000"];
+    let snap = prompt_snapshot();
+    let timeouts = [
+        "--peer-timeout-ms",
+        "120000",
+        "--restore",
+        snap.to_str().unwrap(),
+    ];
     let (mut backup, addr) = start_backup(&timeouts, &console);
     let mut args = vec![
         "primary",
@@ -93,7 +101,7 @@ fn primary_output_waits_for_the_backups_acks() {
         "1000000000000",
     ]);
     let mut primary = Vm::spawn(&args);
-    let at = primary.wait_for(PROMPT, 0, BOOT_TIMEOUT);
+    let at = 0;
     primary.type_text("for i in $(seq 1 15); do echo tick $i; sleep 1; done; poweroff -f\n");
     primary.wait_for("tick 3\r\n", at, Duration::from_secs(120));
 

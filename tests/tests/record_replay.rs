@@ -1,13 +1,17 @@
-//! End-to-end record and replay on this machine's KVM: a boot plus a workload that is hostile
-//! to replay (it reads the clocks, the RTC and /dev/urandom, sleeps, forks, and prints a
-//! running hash of what it saw), recorded once and replayed; damaged logs are refused.
+//! End-to-end record and replay on this machine's KVM: a workload that is hostile to replay
+//! (it reads the clocks, the RTC and /dev/urandom, sleeps, forks, and prints a running hash
+//! of what it saw), typed at the shell of a guest restored from the cached prompt snapshot
+//! (see `twinvm_tests::snapshots`; booting is tested in boot.rs), recorded once and
+//! replayed from the same snapshot; damaged logs are refused.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use logchannel::entry::Entry;
 use logchannel::file::{rewrite_entry, LogReader};
+use twinvm_tests::snapshots::prompt_snapshot;
 use twinvm_tests::{guest_dir, workspace_bin};
 
 /// One recording shared by the tests of this file (it takes a guest boot).
@@ -23,13 +27,28 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn twinvm(args: &[&str]) -> Output {
-    Command::new(workspace_bin("twinvm"))
+    twinvm_typing(args, "")
+}
+
+/// Runs `twinvm ARGS` to the end, typing `input` at its console first.
+fn twinvm_typing(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(workspace_bin("twinvm"))
         .args(args)
         .env("TWINVM_GUEST_DIR", guest_dir())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run twinvm")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run twinvm");
+    let mut stdin = child.stdin.take().unwrap();
+    // A VMM that fails at once has closed its end: its status says why.
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    child.wait_with_output().expect("wait for twinvm")
 }
+
+/// The workload, typed at the prompt: the console is drained before the guest powers off.
+const HOSTILE: &str = "twinvm-hostile 20; echo hostile exit $?; twinvm-drain; poweroff -f\n";
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -39,15 +58,19 @@ fn recording() -> &'static Recording {
     static REC: OnceLock<Recording> = OnceLock::new();
     REC.get_or_init(|| {
         let log = scratch("hostile.log");
-        let out = twinvm(&[
-            "record",
-            "--log",
-            log.to_str().unwrap(),
-            "--digest-interval",
-            "2000",
-            "--append",
-            "twinvm.run=hostile",
-        ]);
+        let snap = prompt_snapshot();
+        let out = twinvm_typing(
+            &[
+                "record",
+                "--restore",
+                snap.to_str().unwrap(),
+                "--log",
+                log.to_str().unwrap(),
+                "--digest-interval",
+                "2000",
+            ],
+            HOSTILE,
+        );
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -59,7 +82,7 @@ fn recording() -> &'static Recording {
             console.contains("hostile done hash"),
             "the workload did not finish:\n{console}"
         );
-        assert!(console.contains("twinvm-guest: exit 0"), "{console}");
+        assert!(console.contains("hostile exit 0"), "{console}");
         Recording {
             log,
             console: out.stdout,
@@ -68,7 +91,14 @@ fn recording() -> &'static Recording {
 }
 
 fn replay(log: &Path) -> Output {
-    twinvm(&["replay", "--log", log.to_str().unwrap()])
+    let snap = prompt_snapshot();
+    twinvm(&[
+        "replay",
+        "--restore",
+        snap.to_str().unwrap(),
+        "--log",
+        log.to_str().unwrap(),
+    ])
 }
 
 /// Entries of a log, in order.
@@ -216,8 +246,11 @@ fn replay_refuses_another_image() {
     let rec = recording();
     let other = scratch("other-initrd.cpio");
     std::fs::write(&other, b"not the recorded initramfs").unwrap();
+    let snap = prompt_snapshot();
     let out = twinvm(&[
         "replay",
+        "--restore",
+        snap.to_str().unwrap(),
         "--log",
         rec.log.to_str().unwrap(),
         "--initrd",

@@ -147,7 +147,7 @@ fn guest_write<T: vm_memory::ByteValued>(
 }
 
 /// What the loader placed where.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootLayout {
     /// The kernel's 64-bit entry point.
     pub entry: u64,

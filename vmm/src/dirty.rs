@@ -61,6 +61,26 @@ impl DirtyTracker {
         Ok(())
     }
 
+    /// The guest frame numbers dirtied since the last digest as far as collected, in order
+    /// (what a snapshot carries to the machine restored from it).
+    pub fn since_digest(&self, mem: &GuestMemory) -> Vec<u64> {
+        gfns(&self.since_digest, mem)
+    }
+
+    /// Adds pages to both sets (a restored snapshot's pages dirtied since its last digest).
+    pub fn mark(&mut self, mem: &GuestMemory, gfns: &[u64]) {
+        for (slot, region) in mem.iter().enumerate() {
+            let base = region.start_addr().0 / PAGE_SIZE;
+            let n = region.len() / PAGE_SIZE;
+            for &gfn in gfns.iter().filter(|&&g| g >= base && g < base + n) {
+                let page = gfn - base;
+                let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+                self.since_digest[slot][w] |= bit;
+                self.since_common[slot][w] |= bit;
+            }
+        }
+    }
+
     /// The guest frame numbers dirtied since the last digest, in order; both sets start
     /// again (a digest is a point both sides share).
     pub fn take_since_digest(&mut self, mem: &GuestMemory) -> Vec<u64> {

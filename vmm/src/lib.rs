@@ -16,7 +16,7 @@ pub mod nic;
 pub mod preempt;
 pub mod rr;
 pub mod signals;
+pub mod snapshot;
 pub mod tap;
 pub mod trail;
-pub mod vcpu_state;
 pub mod vstate;

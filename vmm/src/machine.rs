@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -28,11 +28,11 @@ use crate::devices::{
     cmos::{Cmos, RtcNow},
     PioBus,
 };
-use crate::dirty::{DirtyTracker, PAGE_SIZE};
+use crate::dirty::{reset_vmm_dirty, DirtyTracker, PAGE_SIZE};
 use crate::ft::Role;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
-use crate::vcpu_state::VcpuState;
+use crate::snapshot::{ImageId, Snapshot, SnapshotError, VcpuState};
 use crate::vstate::{self, KickArm, VcpuKick, VstateError};
 
 /// ISA line of the PIT's channel 0.
@@ -107,6 +107,21 @@ pub struct VmConfig {
     /// a synchronous exit is kicked, and an interrupt that is due is delivered there (a
     /// recording logs the vCPU state and dirtied pages at that point). `None`: never.
     pub preempt_quantum: Option<Duration>,
+    /// Start from this snapshot instead of booting (its image must be this config's).
+    pub restore: Option<Arc<Snapshot>>,
+    /// Take a snapshot at this delivery point.
+    pub snapshot_at: Option<SnapshotRequest>,
+    /// Where a snapshot asked for while running ([`HostEvent::Snapshot`], SIGUSR1) goes.
+    pub snapshot_on_signal: Option<PathBuf>,
+}
+
+/// A snapshot to take at a position (`--snapshot-at POS FILE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The position of the delivery point.
+    pub pos: u64,
+    /// The file to write.
+    pub path: PathBuf,
 }
 
 /// Told of every role change of the machine.
@@ -196,6 +211,9 @@ pub enum MachineError {
         /// What failed.
         what: String,
     },
+    /// Taking or restoring a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed at position {pos}: {source}")]
     Run {
@@ -230,6 +248,8 @@ pub enum HostEvent {
     NetReady,
     /// The log channel failed: the loop checks its peer (a halted guest would not).
     PeerLost,
+    /// Take a snapshot at the next delivery point (to [`VmConfig::snapshot_on_signal`]).
+    Snapshot,
 }
 
 /// Counters of one run, for benchmarks and the closing log line.
@@ -274,6 +294,24 @@ pub struct RunStats {
     pub preempt_bytes: u64,
     /// Time they took (capture and logging, or applying).
     pub preempt_time: Duration,
+    /// The snapshot taken in this run, if any.
+    pub snapshot: Option<SnapshotFigures>,
+    /// Time to put a snapshot's memory, vCPU and devices into this machine, if it was
+    /// restored (reading and checking the file comes before).
+    pub restore: Option<Duration>,
+    /// Time it took to read and check the snapshot file.
+    pub restore_read: Option<Duration>,
+}
+
+/// Figures of a snapshot taken.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotFigures {
+    /// File size.
+    pub bytes: u64,
+    /// Guest pages stored.
+    pub pages_stored: u64,
+    /// Time from the delivery point to the file synced.
+    pub took: Duration,
 }
 
 /// Device ids on the port I/O bus.
@@ -531,9 +569,12 @@ impl MachineHandle {
         if stop {
             self.stop.store(true, Ordering::Release);
         }
+        // A snapshot is taken at the next delivery point: a guest running user code without
+        // exits is kicked so that the loop sees the request before its next exit.
+        let kick = stop || matches!(ev, HostEvent::Snapshot);
         // The loop may be gone already; then there is nothing to tell it.
         let _ = self.events.send(ev);
-        if stop {
+        if kick {
             self.kick.kick();
         }
     }
@@ -546,7 +587,7 @@ pub struct Machine {
     _kick_arm: KickArm,
     vcpu: VcpuFd,
     vm: VmFd,
-    _kvm: Kvm,
+    kvm: Kvm,
     mem: GuestMemory,
     mode: Mode,
     digest_interval: u64,
@@ -597,6 +638,16 @@ pub struct Machine {
     /// In a replay that applied a preemption point, the hash of every guest page as last
     /// seen (see [`DigestPages`]).
     baseline: Option<Vec<u64>>,
+    /// The guest image, when a snapshot is to be taken or was restored.
+    image: Option<ImageId>,
+    /// The snapshot to take.
+    snapshot_at: Option<SnapshotRequest>,
+    /// Where a snapshot asked for while running goes, and whether one was asked for.
+    snapshot_on_signal: Option<PathBuf>,
+    snapshot_wanted: bool,
+    /// A restored machine starts at its snapshot's delivery point: whether the guest had
+    /// halted there.
+    resume_halted: Option<bool>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -622,7 +673,29 @@ impl Machine {
         }
         let kvm = vstate::open_kvm(&cfg.kvm_path)?;
         let mem = memory::create_guest_memory(cfg.mem_mib)?;
-        let layout = boot::load_guest(&mem, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        let image = if cfg.restore.is_some()
+            || cfg.snapshot_at.is_some()
+            || cfg.snapshot_on_signal.is_some()
+        {
+            Some(ImageId::of(
+                &cfg.kernel,
+                cfg.initrd.as_deref(),
+                &cfg.cmdline,
+                cfg.mem_mib,
+            )?)
+        } else {
+            None
+        };
+        let restore_t0 = Instant::now();
+        let layout = match (&cfg.restore, &image) {
+            (Some(snap), Some(image)) => {
+                snap.state.image.check(image)?;
+                // Fresh memory is all zero: the snapshot's pages are all there is to write.
+                snap.write_memory(&mem)?;
+                snap.state.layout
+            }
+            _ => boot::load_guest(&mem, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?,
+        };
         let vm = vstate::create_vm(&kvm, &mem, mode.wants_digests())?;
         // Pages the loader wrote are the same on every side (the image hashes are in the
         // log header): digests start from a clean bitmap.
@@ -632,7 +705,10 @@ impl Machine {
             source,
         })?;
         cpuid::configure(&kvm, &vcpu)?;
-        boot::setup_vcpu_regs(&vcpu, &layout)?;
+        match &cfg.restore {
+            Some(snap) => snap.state.vcpu.restore(&vcpu)?,
+            None => boot::setup_vcpu_regs(&vcpu, &layout)?,
+        }
         // SAFETY: the guard is the first field of the machine, so it is dropped (disarmed)
         // before `vcpu`, on this thread (it is not `Send`); it is never leaked on its own.
         let kick_arm = unsafe { KickArm::arm(&mut vcpu)? };
@@ -675,7 +751,7 @@ impl Machine {
             _kick_arm: kick_arm,
             vcpu,
             vm,
-            _kvm: kvm,
+            kvm,
             mem,
             clock: HostClock::new(mode.is_replay()),
             mode,
@@ -718,7 +794,17 @@ impl Machine {
             status_file: cfg.status_file.clone(),
             role: cfg.role,
             status_written: None,
+            image,
+            snapshot_at: cfg.snapshot_at.clone(),
+            snapshot_on_signal: cfg.snapshot_on_signal.clone(),
+            snapshot_wanted: false,
+            resume_halted: None,
         };
+        if let Some(snap) = &cfg.restore {
+            machine.restore_from(snap)?;
+            machine.stats.restore = Some(restore_t0.elapsed());
+            machine.stats.restore_read = Some(snap.read_time);
+        }
         if machine.mode.primary_released().is_some() {
             let out = ReplayedOutput::default();
             if let Some(nic) = &mut machine.nic {
@@ -787,6 +873,14 @@ impl Machine {
             result = Ok(RunOutcome::Stopped(sig));
         }
         let pos = self.position();
+        if let Some(req) = &self.snapshot_at {
+            eprintln!(
+                "twinvm: no snapshot written to {}: the guest ended at position {pos}, {} position {}",
+                req.path.display(),
+                if req.pos < pos { "past" } else { "before" },
+                req.pos
+            );
+        }
         if let Err(MachineError::Rr(RrError::Divergence {
             pos: at,
             entry,
@@ -854,8 +948,10 @@ impl Machine {
     fn run_loop(&mut self) -> Result<RunOutcome, MachineError> {
         self.stats.setup = self.created.elapsed();
         // Position 0 is a delivery point too: nothing can be pending yet, but the window
-        // request is set up the same way as after every exit.
-        if let Some(outcome) = self.delivery_point(false)? {
+        // request is set up the same way as after every exit. A restored machine starts at
+        // its snapshot's delivery point, as the original went on from it.
+        let halted = self.resume_halted.take().unwrap_or(false);
+        if let Some(outcome) = self.delivery_point(halted)? {
             return Ok(outcome);
         }
         loop {
@@ -1007,6 +1103,202 @@ impl Machine {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// Lets KVM finish the instruction of the last exit (an `in`'s value into RAX and RIP
+    /// past it, a string instruction's next round) and refresh the run structure's flags,
+    /// without running the guest: `KVM_RUN` with `immediate_exit` set completes pending
+    /// I/O and returns EINTR before entering the guest (KVM API, `immediate_exit`). Until
+    /// then the registers KVM reports are those of before the instruction.
+    fn complete_pending_io(&mut self) -> Result<(), MachineError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = match self.vcpu.run() {
+            Ok(VcpuExit::Intr) => Ok(None),
+            Ok(other) => Ok(Some(format!("{other:?}"))),
+            Err(e) => Err(e),
+        };
+        vstate::clear_kick(&mut self.vcpu);
+        let pos = self.position();
+        match r {
+            Ok(None) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(source) => Err(MachineError::Run { pos, source }),
+            Ok(Some(what)) => Err(MachineError::UnexpectedExit {
+                what: format!("{what} while completing the last exit's I/O"),
+                pos,
+            }),
+        }
+    }
+
+    /// The machine's state at this delivery point, as a snapshot writes it. Takes what the
+    /// devices transmitted first (a snapshot has no output in flight), completes the last
+    /// exit's I/O, and reads the dirty log into the pages the next digest carries.
+    pub fn snapshot_state(
+        &mut self,
+        pos: u64,
+        halted: bool,
+    ) -> Result<crate::snapshot::SnapshotState, MachineError> {
+        use crate::snapshot::{DeviceState, SnapshotState, VcpuState, VmmState};
+        self.flush_console();
+        if let Some(nic) = &mut self.nic {
+            nic.flush_tx();
+        }
+        let image = self.image.clone().ok_or_else(|| {
+            SnapshotError::Unsupported("the guest image's identity was not computed".into())
+        })?;
+        self.complete_pending_io()?;
+        if self.mode.wants_digests() {
+            self.carry_dirty_pages()?;
+        }
+        Ok(SnapshotState {
+            image,
+            layout: self.layout,
+            vcpu: VcpuState::save(&self.kvm, &self.vcpu)?,
+            devices: DeviceState {
+                pic: self.devices.pic.clone(),
+                pit: self.devices.pit.clone(),
+                cmos: self.devices.cmos.state(),
+                serial: self.devices.serial.state(),
+                clock: self.devices.clock.clone(),
+                nic: self.nic.as_ref().map(|n| n.transport.state()),
+            },
+            vmm: VmmState {
+                position: pos,
+                halted,
+                mono_ns: if self.mode.is_replay() {
+                    self.devices.clock.seen_ns()
+                } else {
+                    self.clock.mono_ns()
+                },
+                console_hash: self.console_hash,
+                console_bytes: self.console_bytes,
+                stepping: self.stepping,
+                step_budget: self.step_budget,
+                stepping_pushf: self.stepping_pushf,
+                pending_input: self.pending_input.iter().copied().collect(),
+                dirty_since_digest: self.dirty.since_digest(&self.mem),
+                log: self.mode.log_point(),
+            },
+        })
+    }
+
+    /// Drops KVM's mappings of guest memory, as a VM restored from a snapshot starts without
+    /// them: on this project's software KVM, which writes of a page the dirty log records
+    /// was measured to depend on the mappings built before (a replay whose VM was reset at
+    /// a position logged pages its recording, not reset, had not). The machine that takes a
+    /// snapshot, the one restored from it and every replay of the log that records it then
+    /// go on from the same state.
+    fn reset_mmu(&mut self) -> Result<(), MachineError> {
+        let log_dirty = self.mode.wants_digests();
+        if log_dirty {
+            // Deleting a slot drops its dirty log: what it holds goes to the next digest.
+            self.carry_dirty_pages()?;
+        }
+        vstate::reset_memory_slots(&self.vm, &self.mem, log_dirty)?;
+        Ok(())
+    }
+
+    /// Moves the pages dirtied since the last digest from KVM's dirty log (and vm-memory's
+    /// bitmap) into the set the next digest covers.
+    fn carry_dirty_pages(&mut self) -> Result<(), MachineError> {
+        self.dirty
+            .collect(&self.vm, &self.mem)
+            .map_err(RrError::Kvm)?;
+        Ok(())
+    }
+
+    /// Writes a snapshot of the machine at this delivery point to `path`.
+    fn take_snapshot(&mut self, pos: u64, halted: bool, path: &Path) -> Result<(), MachineError> {
+        let t0 = Instant::now();
+        let state = self.snapshot_state(pos, halted)?;
+        let w = crate::snapshot::write(path, &state, &self.mem)?;
+        if self.mode.is_replay() && !self.mode.snapshot_logged_at(pos) {
+            eprintln!(
+                "twinvm: note: this snapshot was taken in a replay where the recording took none; on a host whose dirty log depends on the VM's mapping history (this project's software KVM), a replay from it may report pages its recording did not log (see README: snapshots)"
+            );
+        }
+        self.rr(|m| m.snapshot_taken(pos, w.sha256))?;
+        let took = t0.elapsed();
+        eprintln!(
+            "twinvm: snapshot at position {pos} written to {}: {} bytes ({} of {} pages stored) in {:.1} ms, sha256 {}",
+            path.display(),
+            w.bytes,
+            w.pages_stored,
+            w.pages_total,
+            took.as_secs_f64() * 1e3,
+            crate::snapshot::hex(&w.sha256)
+        );
+        self.stats.snapshot = Some(SnapshotFigures {
+            bytes: w.bytes,
+            pages_stored: w.pages_stored,
+            took,
+        });
+        Ok(())
+    }
+
+    /// Puts the devices and the VMM's own state of a fresh machine in a snapshot's (memory
+    /// and the vCPU's registers are written before the machine is assembled).
+    fn restore_from(&mut self, snap: &Snapshot) -> Result<(), MachineError> {
+        let st = &snap.state;
+        self.devices.pic = st.devices.pic.clone();
+        self.devices.pit = st.devices.pit.clone();
+        self.devices.cmos = crate::devices::cmos::Cmos::from_state(&st.devices.cmos)
+            .ok_or_else(|| SnapshotError::Corrupt("the CMOS RAM is not 128 bytes".into()))?;
+        self.devices.serial =
+            SerialConsole::from_state(&st.devices.serial).map_err(SnapshotError::Corrupt)?;
+        self.devices.clock = st.devices.clock.clone();
+        match (&mut self.nic, &st.devices.nic) {
+            (Some(nic), Some(s)) => nic
+                .transport
+                .restore(s)
+                .map_err(|e| SnapshotError::Corrupt(format!("virtio-net: {e}")))?,
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(SnapshotError::Mismatch(
+                    "this VMM has a NIC, the snapshot's guest had none".into(),
+                )
+                .into())
+            }
+            (None, Some(_)) => {
+                return Err(SnapshotError::Mismatch(
+                    "the snapshot's guest had a NIC: restore it with --nic or --tap".into(),
+                )
+                .into())
+            }
+        }
+        let v = &st.vmm;
+        // The guest's monotonic time goes on from where it stood: the time the snapshot
+        // spent on disk is not the guest's. (The RTC follows the host's wall clock.)
+        self.clock = HostClock::starting_at(v.mono_ns, self.mode.is_replay());
+        self.stats.sync_exits = v.position;
+        self.console_hash = v.console_hash;
+        self.console_bytes = v.console_bytes;
+        self.step_budget = v.step_budget;
+        self.stepping_pushf = v.stepping_pushf;
+        // A replay's console input comes from the log only.
+        if !self.mode.is_replay() {
+            self.pending_input = v.pending_input.iter().copied().collect();
+        }
+        self.dirty.mark(&self.mem, &v.dirty_since_digest);
+        self.resume_halted = Some(v.halted);
+        self.set_stepping(v.stepping)?;
+        // Writing memory marked every stored page in vm-memory's bitmap; the digests of the
+        // original did not see those writes.
+        reset_vmm_dirty(&self.mem);
+        // The run structure's flags (`ready_for_interrupt_injection`, `if_flag`) are read at
+        // the first delivery point: KVM fills them in at a KVM_RUN.
+        self.complete_pending_io()?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            if let Ok(f) = self.vcpu.get_fpu() {
+                tracing::debug!(
+                    "FPU after the first KVM_RUN: xmm0 {:02x?} xmm1 {:02x?}, mxcsr {:#x}",
+                    f.xmm[0],
+                    f.xmm[1],
+                    f.mxcsr
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Sets what decides failover, where a backup's console goes once it is live, and who is
@@ -1263,6 +1555,14 @@ impl Machine {
                 None
             }
             HostEvent::InputClosed | HostEvent::NetReady | HostEvent::PeerLost => None,
+            HostEvent::Snapshot => {
+                if self.snapshot_on_signal.is_some() {
+                    self.snapshot_wanted = true;
+                } else {
+                    eprintln!("twinvm: a snapshot was asked for, but no file was given (--snapshot-on-sigusr1)");
+                }
+                None
+            }
             HostEvent::Stop(sig) => {
                 self.flush_console();
                 Some(RunOutcome::Stopped(sig))
@@ -1277,6 +1577,24 @@ impl Machine {
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
+        // A replay whose recording took a snapshot here does what taking it did to the VM.
+        let logged = self.rr(|m| m.snapshot_here(pos))?.is_some();
+        let mut taken = false;
+        if self.snapshot_at.as_ref().is_some_and(|r| r.pos == pos) {
+            if let Some(req) = self.snapshot_at.take() {
+                self.take_snapshot(pos, halted, &req.path)?;
+                taken = true;
+            }
+        }
+        if std::mem::take(&mut self.snapshot_wanted) {
+            if let Some(path) = self.snapshot_on_signal.clone() {
+                self.take_snapshot(pos, halted, &path)?;
+                taken = true;
+            }
+        }
+        if logged || (taken && !self.mode.is_replay()) {
+            self.reset_mmu()?;
+        }
         if self.corrupt_at == Some(pos) {
             self.corrupt_guest_memory(pos);
         }
@@ -1437,7 +1755,7 @@ impl Machine {
         let t0 = Instant::now();
         let ready = if self.mode.is_recording() {
             let err = |what: String| MachineError::Preempt { pos, what };
-            let state = VcpuState::capture(&self.vcpu).map_err(|e| err(e.to_string()))?;
+            let state = VcpuState::save(&self.kvm, &self.vcpu).map_err(|e| err(e.to_string()))?;
             self.dirty.collect(&self.vm, &self.mem).map_err(err)?;
             let mut pages = Vec::new();
             for gfn in self.dirty.take_since_common(&self.mem) {
@@ -1447,7 +1765,7 @@ impl Machine {
                     .map_err(|e| err(format!("reading guest page {gfn:#x}: {e}")))?;
                 pages.push((gfn, buf));
             }
-            let vcpu = state.encode();
+            let vcpu = state.encode().map_err(|e| err(e.to_string()))?;
             self.stats.preempt_pages += pages.len() as u64;
             self.stats.preempt_bytes += (vcpu.len() + pages.len() * PAGE_SIZE as usize) as u64;
             // An entry's payload is bounded (1 MiB): pages beyond one entry's share go first.
@@ -1508,17 +1826,15 @@ impl Machine {
             let state = VcpuState::decode(&vcpu).map_err(|e| err(e.to_string()))?;
             // The exit at `pos` must be finished before its result is replaced: KVM would
             // otherwise apply it to the restored state at the next entry.
-            vstate::complete_pending_exit(&mut self.vcpu).map_err(|e| err(e.to_string()))?;
+            self.complete_pending_io()?;
             // What KVM's dirty log holds so far belongs to the digest's set; re-registering
             // the memory below would drop it.
             self.dirty.collect(&self.vm, &self.mem).map_err(err)?;
             // The guest's page tables may be among those pages, written behind the back of
             // a shadow MMU (this host's software KVM): its cached translations go.
-            vstate::refresh_memory(&self.vm, &self.mem, self.mode.wants_digests())
+            vstate::reset_memory_slots(&self.vm, &self.mem, self.mode.wants_digests())
                 .map_err(|e| err(e.to_string()))?;
-            state
-                .restore(&self.vm, &self.vcpu)
-                .map_err(|e| err(e.to_string()))?;
+            state.restore(&self.vcpu).map_err(|e| err(e.to_string()))?;
             if self.baseline.is_none() {
                 self.baseline = Some(page_hashes(&self.mem).map_err(err)?);
             }
@@ -1870,7 +2186,9 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
 
 /// The vCPU's registers, a hash of its FPU/SSE state, and a hash of every page dirtied since
 /// the last digest (KVM's dirty log, which also resets it, together with the pages the VMM
-/// wrote itself). `extra` adds named values of the VMM's own (the console output hash).
+/// wrote itself, and `carried`: pages found dirty when a snapshot read the log). `extra`
+/// adds named values of the VMM's own (the console output hash).
+#[allow(clippy::too_many_arguments)]
 pub fn state_digest(
     vcpu: &VcpuFd,
     vm: &VmFd,

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use logchannel::entry::LogHeader;
-use sha2::{Digest as _, Sha256};
 use vmm::console::{spawn_stdin_forwarder, TerminalGuard};
 use vmm::ft::output::{spawn_output_releaser, Decision, HeldOutput, SharedDecision};
 use vmm::ft::Role;
-use vmm::machine::{HostEvent, Machine, RunOutcome, VmConfig};
+use vmm::machine::{HostEvent, Machine, RunOutcome, SnapshotRequest, VmConfig};
 use vmm::rr::{Mode, Recorder, Replayer, RrError};
+use vmm::snapshot::{hex, Snapshot};
 
 /// Exit status when the guest powered off.
 const EXIT_POWEROFF: u8 = 0;
@@ -324,6 +324,10 @@ struct ReplayArgs {
     /// Test only: flip a bit of guest memory at this position (the replay must diverge).
     #[arg(long, hide = true)]
     test_corrupt_at: Option<u64>,
+    /// The snapshot the recording starts from (the log names it), or one taken in this
+    /// recording (`record --snapshot-at`), from whose position the replay then starts.
+    #[command(flatten)]
+    snapshot: SnapshotArgs,
     #[command(flatten)]
     trail: TrailArgs,
 }
@@ -405,7 +409,60 @@ struct GuestArgs {
     #[arg(long, default_value_t = 10)]
     preempt_ms: u64,
     #[command(flatten)]
+    snapshot: SnapshotArgs,
+    #[command(flatten)]
     trail: TrailArgs,
+}
+
+/// Snapshots: start from one, take one (see README: snapshots).
+#[derive(Debug, Args)]
+struct SnapshotArgs {
+    /// Start the guest from this snapshot instead of booting it. The kernel, initrd,
+    /// command line (with --nic/--append) and --mem must be those it was taken with.
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
+    /// Take a snapshot at the delivery point at position POS (synchronous exits), write it
+    /// to FILE, and go on.
+    #[arg(long, num_args = 2, value_names = ["POS", "FILE"])]
+    snapshot_at: Option<Vec<String>>,
+    /// On every SIGUSR1, take a snapshot at the next delivery point and write it to FILE
+    /// (replacing the last one).
+    #[arg(long, value_name = "FILE")]
+    snapshot_on_sigusr1: Option<PathBuf>,
+}
+
+impl SnapshotArgs {
+    /// The snapshot to start from, read and checked.
+    fn restore(&self) -> anyhow::Result<Option<Arc<Snapshot>>> {
+        let Some(path) = &self.restore else {
+            return Ok(None);
+        };
+        let snap = Snapshot::open(path)?;
+        tracing::info!(
+            "read snapshot {} (position {}, sha256 {}) in {:.1} ms",
+            path.display(),
+            snap.state.vmm.position,
+            hex(&snap.sha256),
+            snap.read_time.as_secs_f64() * 1e3
+        );
+        Ok(Some(Arc::new(snap)))
+    }
+
+    fn request(&self) -> anyhow::Result<Option<SnapshotRequest>> {
+        let Some(v) = &self.snapshot_at else {
+            return Ok(None);
+        };
+        let [pos, path] = v.as_slice() else {
+            bail!("--snapshot-at takes a position and a file");
+        };
+        let pos = pos
+            .parse()
+            .with_context(|| format!("--snapshot-at: {pos:?} is not a position (a number)"))?;
+        Ok(Some(SnapshotRequest {
+            pos,
+            path: PathBuf::from(path),
+        }))
+    }
 }
 
 fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
@@ -434,15 +491,7 @@ fn from_guest_dir(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 
 /// SHA-256 of a file.
 fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(h.finalize().into())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Ok(vmm::snapshot::sha256_file(path)?)
 }
 
 impl GuestArgs {
@@ -490,6 +539,9 @@ impl GuestArgs {
             page_trail: self.trail.config(),
             preempt_quantum: (self.preempt_ms > 0)
                 .then(|| std::time::Duration::from_millis(self.preempt_ms)),
+            restore: self.snapshot.restore()?,
+            snapshot_at: self.snapshot.request()?,
+            snapshot_on_signal: self.snapshot.snapshot_on_sigusr1.clone(),
         })
     }
 }
@@ -538,6 +590,9 @@ impl ReplayArgs {
             page_trail: self.trail.config(),
             // A replay takes its preemption points from the log.
             preempt_quantum: None,
+            restore: None,
+            snapshot_at: self.snapshot.request()?,
+            snapshot_on_signal: self.snapshot.snapshot_on_sigusr1.clone(),
         })
     }
 }
@@ -571,6 +626,11 @@ fn write_stats(
         "preempt_bytes": s.preempt_bytes,
         "preempt_s": secs(s.preempt_time),
         "log_bytes": log_bytes,
+        "snapshot_bytes": s.snapshot.map(|f| f.bytes),
+        "snapshot_pages": s.snapshot.map(|f| f.pages_stored),
+        "snapshot_s": s.snapshot.map(|f| secs(f.took)),
+        "restore_s": s.restore.map(secs),
+        "snapshot_read_s": s.restore_read.map(secs),
     });
     std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))
 }
@@ -600,6 +660,10 @@ fn run_boxed(
     let handle = machine.handle();
     // A second SIGINT or SIGTERM while the first stop is pending exits at once.
     vmm::signals::spawn_stop_on_signals(handle.clone()).context("starting the signal thread")?;
+    if cfg.snapshot_on_signal.is_some() {
+        vmm::signals::spawn_snapshot_on_sigusr1(handle.clone())
+            .context("starting the SIGUSR1 thread")?;
+    }
     // A replay never reads the terminal: its console input comes from the log (a live
     // backup forwards the terminal, but the machine ignores it until it goes live).
     let _term = interactive.then(TerminalGuard::new);
@@ -661,7 +725,8 @@ fn record(args: &RecordArgs) -> anyhow::Result<RunOutcome> {
         cfg.digest_interval,
         args.vm_id.clone(),
     )
-    .with_cpuid(placement.cpuid);
+    .with_cpuid(placement.cpuid)
+    .with_snapshot(cfg.restore.as_ref().map(|s| s.sha256));
     let recorder = Recorder::create(&args.log, &header)?;
     run(
         &cfg,
@@ -685,7 +750,8 @@ fn pair_header(
         digest_interval,
         vm_id,
     )
-    .with_cpuid(cpuid))
+    .with_cpuid(cpuid)
+    .with_snapshot(cfg.restore.as_ref().map(|s| s.sha256)))
 }
 
 fn resolve(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
@@ -910,8 +976,48 @@ fn ack_without_replay(mut rx: logchannel::transport::LogReceiver) -> anyhow::Res
 }
 
 fn replay(args: &ReplayArgs) -> anyhow::Result<RunOutcome> {
-    let replayer = Replayer::open(&args.log)?;
+    let mut replayer = Replayer::open(&args.log)?;
     let mut cfg = args.to_config(replayer.header())?;
+    let header = replayer.header().clone();
+    let log = args.log.display();
+    match (header.snapshot_sha256, args.snapshot.restore()?) {
+        (None, None) => {}
+        (Some(want), None) => bail!(
+            "{log} was recorded from snapshot {}: replay it with --restore and that snapshot",
+            hex(&want)
+        ),
+        // The snapshot the recording starts from.
+        (Some(want), Some(snap)) if snap.sha256 == want => cfg.restore = Some(snap),
+        // A snapshot taken in this recording (or in a replay of it): the replay starts at
+        // its position.
+        (_, Some(snap))
+            if snap
+                .state
+                .vmm
+                .log
+                .is_some_and(|p| p.header_sha256 == header.sha256()) =>
+        {
+            let point = snap.state.vmm.log.expect("checked");
+            replayer.skip_to(point.entries, snap.state.vmm.position)?;
+            eprintln!(
+                "twinvm: replaying from the snapshot's position {} (log entry {})",
+                snap.state.vmm.position, point.entries
+            );
+            cfg.restore = Some(snap);
+        }
+        (want, Some(snap)) => {
+            let starts = match want {
+                Some(h) => format!("from snapshot {}", hex(&h)),
+                None => "from a boot".to_string(),
+            };
+            return Err(RrError::ImageMismatch(format!(
+                "snapshot {} (sha256 {}) is neither the one {log} was recorded from ({log} starts {starts}) nor one taken in that recording: replay refuses to start from it",
+                snap.path.display(),
+                hex(&snap.sha256),
+            ))
+            .into());
+        }
+    }
     let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
     let placement = vmm::hostcpu::for_replay(&kvm, replayer.header().cpuid.as_deref(), cfg.cpu)?;
     cfg.cpu = placement.cpu;

@@ -146,6 +146,8 @@ impl Rate {
 #[derive(Debug)]
 pub struct Recorder {
     sink: Sink,
+    /// SHA-256 of the log's header (a snapshot taken while recording names it).
+    header_sha256: [u8; 32],
     lag: Option<LagLimit>,
     /// Time the guest was held back by the lag limit.
     pub throttled: Duration,
@@ -179,6 +181,8 @@ pub struct Replayer {
     eof: bool,
     /// Digests compared so far (all matched, or the replay would have stopped).
     pub digests_matched: u64,
+    /// The position of the last snapshot entry taken.
+    snapshot_seen: Option<u64>,
 }
 
 /// Where the machine's non-deterministic inputs come from.
@@ -199,6 +203,7 @@ impl Recorder {
     pub fn create(path: &Path, header: &LogHeader) -> Result<Self, RrError> {
         Ok(Recorder {
             sink: Sink::File(LogWriter::create(path, header)?),
+            header_sha256: header.sha256(),
             lag: None,
             throttled: Duration::ZERO,
             replay_throttled: Duration::ZERO,
@@ -211,6 +216,7 @@ impl Recorder {
     /// the backup lags beyond `lag`.
     pub fn live(sender: Arc<LogSender>, lag: LagLimit) -> Self {
         Recorder {
+            header_sha256: [0; 32],
             sink: Sink::Net(sender),
             lag: Some(lag),
             throttled: Duration::ZERO,
@@ -323,6 +329,7 @@ impl Replayer {
             index: 0,
             eof: false,
             digests_matched: 0,
+            snapshot_seen: None,
         }
     }
 
@@ -347,6 +354,28 @@ impl Replayer {
     /// Entries consumed so far.
     pub fn consumed(&self) -> u64 {
         self.index
+    }
+
+    /// Starts the replay after the first `entries` entries of the log, the point where the
+    /// snapshot it resumes from was taken (at position `pos`): they are read and checked
+    /// to lie at or before `pos`, and the entry after them must not.
+    pub fn skip_to(&mut self, entries: u64, pos: u64) -> Result<(), RrError> {
+        while self.index < entries {
+            self.fill(pos)?;
+            let e = self.take();
+            if e.pos().get() > pos {
+                return Err(RrError::Divergence {
+                    pos,
+                    entry: self.index - 1,
+                    what: format!(
+                        "the snapshot was taken at position {pos} after {entries} log entries, but entry {} is at position {}: it was not taken in this recording",
+                        self.index - 1,
+                        e.pos().get()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads ahead the next entry (blocking on a live stream).
@@ -505,10 +534,63 @@ pub fn describe(e: &Entry) -> String {
         }
         Entry::Heartbeat { .. } => "a heartbeat".to_string(),
         Entry::End { reason, .. } => format!("the end ({reason:?})"),
+        Entry::Snapshot { sha256, .. } => {
+            format!("a snapshot ({})", crate::snapshot::hex(sha256))
+        }
     }
 }
 
 impl Mode {
+    /// Where in its log the machine is, for a snapshot: a recording to a file or a replay
+    /// of one (a live pair's stream is not a file a replay could start from).
+    pub fn log_point(&self) -> Option<crate::snapshot::LogPoint> {
+        match self {
+            Mode::Record(r) => match &r.sink {
+                Sink::File(w) => Some(crate::snapshot::LogPoint {
+                    header_sha256: r.header_sha256,
+                    entries: w.entries(),
+                }),
+                Sink::Net(_) => None,
+            },
+            Mode::Replay(r) if !r.is_live() => Some(crate::snapshot::LogPoint {
+                header_sha256: r.header().sha256(),
+                entries: r.consumed(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// A snapshot with this SHA-256 was taken at the delivery point `pos`: recorded.
+    pub fn snapshot_taken(&mut self, pos: u64, sha256: [u8; 32]) -> Result<(), RrError> {
+        match self {
+            Mode::Record(r) => r.append(&Entry::Snapshot {
+                pos: Position(pos),
+                sha256,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the replayed log recorded a snapshot at `pos` (its entry already taken).
+    pub fn snapshot_logged_at(&self, pos: u64) -> bool {
+        matches!(self, Mode::Replay(r) if r.snapshot_seen == Some(pos))
+    }
+
+    /// In a replay, whether the recording took a snapshot at the delivery point `pos` (the
+    /// entry is taken): the replay resets its memory mappings there as the recording did.
+    pub fn snapshot_here(&mut self, pos: u64) -> Result<Option<[u8; 32]>, RrError> {
+        let Mode::Replay(r) = self else {
+            return Ok(None);
+        };
+        if let Some(Entry::Snapshot { .. }) = r.peek_at(pos)? {
+            if let Entry::Snapshot { sha256, .. } = r.take() {
+                r.snapshot_seen = Some(pos);
+                return Ok(Some(sha256));
+            }
+        }
+        Ok(None)
+    }
+
     /// Whether inputs come from the log.
     pub fn is_replay(&self) -> bool {
         matches!(self, Mode::Replay(_))
@@ -888,6 +970,58 @@ impl Mode {
                     }),
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(entries: &[Entry]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("twinvm-rr-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("log-{}", entries.len()));
+        let header = LogHeader::new([1; 32], [2; 32], "console=ttyS0", 64, 0, "vm");
+        let mut r = Recorder::create(&path, &header).unwrap();
+        for e in entries {
+            r.append(e).unwrap();
+        }
+        r.finish().unwrap();
+        path
+    }
+
+    fn irq(pos: u64) -> Entry {
+        Entry::IrqLine {
+            pos: Position(pos),
+            line: 0,
+        }
+    }
+
+    #[test]
+    fn a_replay_skips_to_a_snapshots_entry_and_refuses_a_point_not_in_its_log() {
+        let snap = Entry::Snapshot {
+            pos: Position(20),
+            sha256: [3; 32],
+        };
+        let log = log_with(&[irq(5), irq(20), snap, irq(20), irq(30)]);
+        let mut mode = Mode::Replay(Box::new(Replayer::open(&log).unwrap()));
+        if let Mode::Replay(r) = &mut mode {
+            r.skip_to(2, 20).unwrap();
+            assert_eq!(r.consumed(), 2);
+        }
+        // The snapshot entry comes first at its delivery point, then the rest there.
+        assert_eq!(mode.snapshot_here(20).unwrap(), Some([3; 32]));
+        assert!(mode.snapshot_logged_at(20));
+        assert_eq!(mode.snapshot_here(20).unwrap(), None);
+
+        // A point that claims fewer positions than its entries have is not of this log.
+        let mut r = Replayer::open(&log).unwrap();
+        match r.skip_to(2, 10) {
+            Err(RrError::Divergence { what, .. }) => {
+                assert!(what.contains("not taken in this recording"), "{what}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

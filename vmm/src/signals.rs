@@ -26,6 +26,20 @@ pub fn spawn_stop_on_signals(handle: MachineHandle) -> std::io::Result<()> {
         .map(|_| ())
 }
 
+/// Starts the thread that turns every SIGUSR1 into a request for a snapshot of the machine
+/// behind `handle` (taken at its next delivery point).
+pub fn spawn_snapshot_on_sigusr1(handle: MachineHandle) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])?;
+    std::thread::Builder::new()
+        .name("sigusr1".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                handle.send(HostEvent::Snapshot);
+            }
+        })
+        .map(|_| ())
+}
+
 /// The status of a process stopped by signal `sig`.
 pub fn signal_status(sig: i32) -> i32 {
     128 + sig

@@ -590,8 +590,9 @@ struct Progress {
 
 /// What the backup's own side asks the channel to do.
 enum Control {
-    /// Send this message, and say so once it is written.
-    Send(Message, oneshot::Sender<()>),
+    /// Send this message, and say so once it is written (boxed: a message carries a log
+    /// header, far larger than the other variant).
+    Send(Box<Message>, oneshot::Sender<()>),
     /// Ack now if the replayed position moved since the last ack.
     Progress,
 }
@@ -767,7 +768,11 @@ impl LogReceiver {
             pos,
             what: what.to_string(),
         };
-        if self.ctl.send(Control::Send(msg, done_tx)).is_err() {
+        if self
+            .ctl
+            .send(Control::Send(Box::new(msg), done_tx))
+            .is_err()
+        {
             return false;
         }
         let deadline = std::time::Instant::now() + timeout;

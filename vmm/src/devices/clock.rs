@@ -28,7 +28,7 @@ const REG_HI: u64 = 4;
 const REG_ID: u64 = 8;
 
 /// The clock device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Clock {
     /// The value latched by the last read of the low register.
     latched: u64,

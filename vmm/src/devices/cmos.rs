@@ -130,12 +130,17 @@ pub struct RtcNow {
 }
 
 /// Where the RTC's time comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RtcBase {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RtcBase {
     /// The host's wall clock plus an offset (0 until the guest sets the time).
     Host,
     /// The guest set `set_ns` (ns since the epoch) when its monotonic clock read `at_ns`.
-    Set { set_ns: i128, at_ns: u64 },
+    Set {
+        /// The time the guest set, ns since the epoch.
+        set_ns: i128,
+        /// The guest's monotonic clock when it did.
+        at_ns: u64,
+    },
 }
 
 /// The CMOS RTC and RAM.
@@ -152,7 +157,36 @@ impl Default for Cmos {
     }
 }
 
+/// What a snapshot keeps of the CMOS (see [`Cmos::state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    /// The selected register.
+    pub index: u8,
+    /// All 128 bytes of RAM (clock registers included).
+    pub ram: Vec<u8>,
+    /// Where the RTC's time comes from.
+    pub base: RtcBase,
+}
+
 impl Cmos {
+    /// The device's state, for a snapshot.
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+            base: self.base,
+        }
+    }
+
+    /// The device in a snapshot's state; `None` if the RAM is not 128 bytes.
+    pub fn from_state(s: &CmosState) -> Option<Self> {
+        Some(Cmos {
+            index: s.index,
+            ram: s.ram.as_slice().try_into().ok()?,
+            base: s.base,
+        })
+    }
+
     /// A CMOS in 24-hour BCD mode, the PC default, with valid RAM.
     pub fn new() -> Self {
         let mut ram = [0u8; 128];

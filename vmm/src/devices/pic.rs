@@ -10,7 +10,7 @@
 const PORT_COMMAND: u64 = 0;
 
 /// One 8259A.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pic8259 {
     last_irr: u8,
     irr: u8,
@@ -213,7 +213,7 @@ pub enum Chip {
 }
 
 /// The cascaded pair, as on every PC: lines 0-15, slave on master line 2.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PicPair {
     master: Pic8259,
     slave: Pic8259,

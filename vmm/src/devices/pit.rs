@@ -34,7 +34,7 @@ fn ticks_to_ns(ticks: u64) -> u64 {
 }
 
 /// One counter channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Channel {
     /// Reload value; 0 is stored as 0x10000.
     count: u32,
@@ -211,7 +211,7 @@ impl Channel {
 }
 
 /// The 8254 with its three channels and port 0x61.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pit {
     channels: [Channel; 3],
     /// Channel 0's next output rise not yet reported as an interrupt.

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 /// Base port of COM1.
@@ -37,6 +37,34 @@ impl Trigger for IrqFlag {
         self.0.store(true, Ordering::Release);
         Ok(())
     }
+}
+
+/// What a snapshot keeps of the UART: its registers, the receive FIFO, and whether its
+/// interrupt output fired without the loop having taken it yet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Received bytes the guest has not read, oldest first.
+    pub in_buffer: Vec<u8>,
+    /// The interrupt output fired and the loop has not taken it.
+    pub irq_pending: bool,
 }
 
 /// The console UART.
@@ -67,6 +95,50 @@ impl SerialConsole {
             uart: Serial::new(irq.clone(), Vec::new()),
             irq,
         }
+    }
+
+    /// The UART's state, for a snapshot. Transmitted bytes not yet taken are not part of it:
+    /// the owner takes them first (see [`SerialConsole::has_output`]).
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+            irq_pending: self.irq.0.load(Ordering::Acquire),
+        }
+    }
+
+    /// A UART in a snapshot's state; an error names what is wrong with it (a receive FIFO
+    /// longer than the UART's).
+    pub fn from_state(s: &SerialSnapshot) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let irq = IrqFlag::default();
+        let uart = Serial::from_state(&state, irq.clone(), NoEvents, Vec::new())
+            .map_err(|e| format!("UART state: {e:?}"))?;
+        // `from_state` raises the interrupt output for a pending THR-empty or data-ready
+        // condition; the snapshot says whether the loop had taken it, which is what decides
+        // whether the PIC sees one more edge.
+        irq.0.store(s.irq_pending, Ordering::Release);
+        Ok(SerialConsole { uart, irq })
     }
 
     /// A guest read of port `COM1_BASE + offset`.

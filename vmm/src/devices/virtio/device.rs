@@ -61,10 +61,82 @@ impl Interrupt {
         self.0.edge.swap(false, Ordering::AcqRel)
     }
 
+    /// The interrupt status register and whether an edge waits to be taken (for a snapshot).
+    pub fn state(&self) -> (u32, bool) {
+        (
+            self.0.status.load(Ordering::Acquire),
+            self.0.edge.load(Ordering::Acquire),
+        )
+    }
+
+    /// Puts back a snapshot's interrupt status and edge.
+    pub fn restore(&self, status: u32, edge: bool) {
+        self.0.status.store(status, Ordering::Release);
+        self.0.edge.store(edge, Ordering::Release);
+    }
+
     /// Clears the status register and any edge not yet taken (device reset).
     pub fn reset(&self) {
         self.0.status.store(0, Ordering::Release);
         self.0.edge.store(false, Ordering::Release);
+    }
+}
+
+/// One virtqueue's configuration and ring positions, for a snapshot (virtio-queue's
+/// `QueueState`, which has no serde of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Next available-ring index the device will read.
+    pub next_avail: u16,
+    /// Next used-ring index the device will write.
+    pub next_used: u16,
+    /// Whether VIRTIO_F_RING_EVENT_IDX was negotiated.
+    pub event_idx_enabled: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// Whether the driver marked it ready.
+    pub ready: bool,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the available ring.
+    pub avail_ring: u64,
+    /// Guest physical address of the used ring.
+    pub used_ring: u64,
+}
+
+impl QueueSnapshot {
+    /// The state of `q`.
+    pub fn of(q: &Queue) -> Self {
+        let s = q.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+
+    /// A queue in this state, checked by virtio-queue (sizes, alignment).
+    pub fn to_queue(&self) -> Result<Queue, String> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| format!("queue state: {e}"))
     }
 }
 
@@ -127,6 +199,21 @@ pub trait VirtioDevice {
     /// Returns the device to its state before activation: it drops its queues, memory and
     /// interrupt handle and ignores everything until activated again.
     fn reset(&mut self);
+
+    /// The device's own state, for a snapshot (the transport keeps its registers itself).
+    type State: serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug + Clone;
+
+    /// The device's state now.
+    fn save_state(&self) -> Self::State;
+
+    /// Puts the device in a snapshot's state; an activated one works on `mem` and signals
+    /// through `interrupt` (the transport's). An error says what in the state is unusable.
+    fn restore_state(
+        &mut self,
+        state: &Self::State,
+        mem: GuestMemory,
+        interrupt: Interrupt,
+    ) -> Result<(), String>;
 }
 
 #[cfg(test)]

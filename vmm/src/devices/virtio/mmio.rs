@@ -13,7 +13,7 @@ use virtio_bindings::bindings::virtio_config::{
 };
 use virtio_queue::{Queue, QueueT};
 
-use super::device::{Interrupt, VirtioDevice};
+use super::device::{Interrupt, QueueSnapshot, VirtioDevice};
 use crate::memory::GuestMemory;
 
 /// Length of the register window.
@@ -107,6 +107,32 @@ pub enum MmioError {
         /// The size asked for.
         size: u16,
     },
+}
+
+/// A transport's registers and queue configuration, and its device's own state, for a
+/// snapshot.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TransportState<S> {
+    /// The queue configuration as the driver wrote it.
+    pub queues: Vec<QueueSnapshot>,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// The device status register.
+    pub status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// The interrupt status register.
+    pub interrupt_status: u32,
+    /// An interrupt edge the loop had not taken yet.
+    pub interrupt_edge: bool,
+    /// The device's own state.
+    pub device: S,
 }
 
 /// A virtio-mmio register window in front of `D`.
@@ -430,6 +456,50 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.interrupt.clone(),
             )
             .map_err(|e| e.to_string())
+    }
+
+    /// The transport's and its device's state, for a snapshot.
+    pub fn state(&self) -> TransportState<D::State> {
+        let (interrupt_status, interrupt_edge) = self.interrupt.state();
+        TransportState {
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status,
+            interrupt_edge,
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Puts transport and device in a snapshot's state; an error says what does not fit
+    /// (another number of queues, a queue virtio-queue refuses, a device state the device
+    /// refuses).
+    pub fn restore(&mut self, s: &TransportState<D::State>) -> Result<(), String> {
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "the snapshot's device has {} queues, this one {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        self.queues = s
+            .queues
+            .iter()
+            .map(QueueSnapshot::to_queue)
+            .collect::<Result<_, _>>()?;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.interrupt.restore(s.interrupt_status, s.interrupt_edge);
+        self.device
+            .restore_state(&s.device, self.mem.clone(), self.interrupt.clone())
     }
 
     /// Resets transport and device (the driver wrote 0 to the status register).

@@ -17,7 +17,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::chain::{self, Buffer, ChainError, Direction};
-use super::device::{ActivateError, Interrupt, VirtioDevice};
+use super::device::{ActivateError, Interrupt, QueueSnapshot, VirtioDevice};
 use crate::memory::GuestMemory;
 
 /// The virtio device ID of a network card.
@@ -89,6 +89,19 @@ pub struct NetCounters {
     pub rx_frames: u64,
     /// Receive chains rejected as malformed.
     pub rx_bad_chains: u64,
+}
+
+/// What a snapshot keeps of the card (its transmitted frames are taken by the owner first).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    /// The MAC address.
+    pub mac: [u8; 6],
+    /// The features the driver accepted at activation.
+    pub acked_features: u64,
+    /// The receive and transmit queues of an activated card.
+    pub active: Option<(QueueSnapshot, QueueSnapshot)>,
+    /// Frames and chains handled so far.
+    pub counters: (u64, u64, u64, u64),
 }
 
 /// The state of an activated device.
@@ -486,6 +499,54 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+    }
+
+    type State = NetState;
+
+    fn save_state(&self) -> NetState {
+        let c = self.counters;
+        NetState {
+            mac: self.mac,
+            acked_features: self.acked_features,
+            active: self
+                .active
+                .as_ref()
+                .map(|a| (QueueSnapshot::of(&a.rx), QueueSnapshot::of(&a.tx))),
+            counters: (c.tx_frames, c.tx_bad_chains, c.rx_frames, c.rx_bad_chains),
+        }
+    }
+
+    fn restore_state(
+        &mut self,
+        s: &NetState,
+        mem: GuestMemory,
+        interrupt: Interrupt,
+    ) -> Result<(), String> {
+        if s.mac != self.mac {
+            return Err(format!(
+                "the snapshot's card has MAC {}, this one {}",
+                crate::nic::format_mac(&s.mac),
+                crate::nic::format_mac(&self.mac)
+            ));
+        }
+        self.acked_features = s.acked_features;
+        self.active = match &s.active {
+            Some((rx, tx)) => Some(Active {
+                mem,
+                rx: rx.to_queue()?,
+                tx: tx.to_queue()?,
+                interrupt,
+            }),
+            None => None,
+        };
+        let (tx_frames, tx_bad_chains, rx_frames, rx_bad_chains) = s.counters;
+        self.counters = NetCounters {
+            tx_frames,
+            tx_bad_chains,
+            rx_frames,
+            rx_bad_chains,
+        };
+        Ok(())
     }
 }
 
