@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use logchannel::entry::Entry;
 use logchannel::file::LogReader;
-use twinvm_tests::{guest_dir, workspace_bin, Vm, BOOT_TIMEOUT, PROMPT};
+use twinvm_tests::snapshots::prompt_snapshot;
+use twinvm_tests::{guest_dir, workspace_bin, Vm, BOOT_TIMEOUT};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("twinvm-preempt-{}", std::process::id()));
@@ -35,8 +36,10 @@ fn preempt_points(log: &std::path::Path) -> usize {
 #[test]
 fn a_busy_loop_ends_by_its_timer_and_its_recording_replays_exactly() {
     let log = scratch("busy.log");
-    let mut vm = Vm::spawn(&["record", "--log", log.to_str().unwrap()]);
-    let at = vm.wait_for(PROMPT, 0, BOOT_TIMEOUT);
+    let snap = prompt_snapshot();
+    let snap = snap.to_str().unwrap();
+    let mut vm = Vm::spawn(&["record", "--restore", snap, "--log", log.to_str().unwrap()]);
+    let at = 0;
     let t0 = Instant::now();
     vm.type_text(BUSY);
     let at = vm.wait_for("busy-ended-", at, Duration::from_secs(120));
@@ -63,7 +66,7 @@ fn a_busy_loop_ends_by_its_timer_and_its_recording_replays_exactly() {
     );
 
     let out = Command::new(workspace_bin("twinvm"))
-        .args(["replay", "--log", log.to_str().unwrap()])
+        .args(["replay", "--restore", snap, "--log", log.to_str().unwrap()])
         .env("TWINVM_GUEST_DIR", guest_dir())
         .stdin(Stdio::null())
         .output()
@@ -81,8 +84,12 @@ fn a_busy_loop_ends_by_its_timer_and_its_recording_replays_exactly() {
 #[test]
 fn a_live_backup_follows_its_primarys_preemption_points() {
     let console_file = scratch("backup.console");
+    let snap = prompt_snapshot();
+    let snap = snap.to_str().unwrap();
     let mut backup = Vm::spawn(&[
         "backup",
+        "--restore",
+        snap,
         "--listen",
         "127.0.0.1:0",
         "--console-log",
@@ -94,8 +101,8 @@ fn a_live_backup_follows_its_primarys_preemption_points() {
         .wait_for_stderr("backup listening on ", Duration::from_secs(30))
         .trim()
         .to_string();
-    let mut primary = Vm::spawn(&["primary", "--backup", &addr]);
-    let at = primary.wait_for(PROMPT, 0, BOOT_TIMEOUT);
+    let mut primary = Vm::spawn(&["primary", "--restore", snap, "--backup", &addr]);
+    let at = 0;
     primary.type_text(BUSY);
     primary.wait_for("awk-result-", at, Duration::from_secs(180));
     let p = primary.wait_exit(Duration::from_secs(180));
