@@ -1577,6 +1577,9 @@ impl Machine {
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
+        // The replay has reached `pos`: a primary held back for it learns so even while this
+        // side waits below for the log (a pair restored from a snapshot starts far from 0).
+        self.mode.progress(pos);
         // A replay whose recording took a snapshot here does what taking it did to the VM.
         let logged = self.rr(|m| m.snapshot_here(pos))?.is_some();
         let mut taken = false;
@@ -1598,7 +1601,6 @@ impl Machine {
         if self.corrupt_at == Some(pos) {
             self.corrupt_guest_memory(pos);
         }
-        self.mode.progress(pos);
         if let (Some(out), Some((c, f))) = (&mut self.replayed_output, self.mode.primary_released())
         {
             out.trim(c, f);
