@@ -311,6 +311,28 @@ pub enum Entry {
         /// A hash of the general registers there.
         regs_hash: u64,
     },
+    /// A preemption point (DESIGN.md, Determinism 4): the primary kicked its vCPU out of a
+    /// run that had lasted a quantum without a synchronous exit, at no position of its own,
+    /// to deliver an interrupt. The backup does not run that stretch: once it has reached
+    /// `pos` it takes this state instead, and the entries at `pos` that follow (the lines
+    /// raised and the vector injected there) apply from it.
+    Preempt {
+        /// The position of the last synchronous exit before the kick.
+        pos: Position,
+        /// The vCPU's state at the kick, in the VMM's own encoding.
+        vcpu: Vec<u8>,
+        /// Every page dirtied since the last point both sides share (a digest or the
+        /// previous preemption point): frame number and its 4 KiB of bytes.
+        pages: Vec<(u64, Vec<u8>)>,
+    },
+    /// Pages of the preemption point that follows at the same position, when it has more
+    /// than one entry can carry (an entry's payload is bounded).
+    PreemptPages {
+        /// The position of the preemption point.
+        pos: Position,
+        /// Frame number and 4 KiB of bytes of each page.
+        pages: Vec<(u64, Vec<u8>)>,
+    },
     /// A liveness/progress mark in the log.
     Heartbeat {
         /// The primary's position when it was written.
@@ -336,6 +358,8 @@ impl Entry {
             | Entry::ConsoleIn { pos, .. }
             | Entry::NetRx { pos, .. }
             | Entry::Landmark { pos, .. }
+            | Entry::Preempt { pos, .. }
+            | Entry::PreemptPages { pos, .. }
             | Entry::Heartbeat { pos }
             | Entry::End { pos, .. } => *pos,
             Entry::Digest(d) => d.pos,
@@ -353,6 +377,8 @@ impl Entry {
             Entry::NetRx { .. } => "NetRx",
             Entry::Digest(_) => "Digest",
             Entry::Landmark { .. } => "Landmark",
+            Entry::Preempt { .. } => "Preempt",
+            Entry::PreemptPages { .. } => "PreemptPages",
             Entry::Heartbeat { .. } => "Heartbeat",
             Entry::End { .. } => "End",
         }

@@ -20,7 +20,7 @@ use crate::error::{LogError, Record};
 /// The first 8 bytes of every log file.
 pub const LOG_MAGIC: [u8; 8] = *b"TWINVMLG";
 /// The version of the file format (preamble, framing, payload encoding and entry model).
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 /// Length of the file preamble: magic and version.
 pub const PREAMBLE_LEN: usize = 10;
 /// Length of a frame header: payload length and CRC.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use twinvm_tests::netns::{connect_from, Host, Topology, GUEST_IP, PREFIX};
-use twinvm_tests::{Vm, BOOT_TIMEOUT};
+use twinvm_tests::{Vm, BOOT_TIMEOUT, PROMPT};
 
 fn guest_args() -> String {
     format!("twinvm.ip={GUEST_IP}/{PREFIX} twinvm.run=counter")
@@ -187,4 +187,40 @@ fn pair_with_a_nic_replays_every_frame_and_holds_frames_until_acked() {
         replayed == pvm.console().into_bytes(),
         "the backup's console differs from the primary's"
     );
+}
+
+/// Issue 15: a CPU-bound program in the guest (a loop that never leaves user mode, so never
+/// exits to the VMM) does not stop the guest's TCP service: received frames and timer ticks
+/// reach the guest at preemption points while the loop runs, and the counter answers.
+#[test]
+fn a_cpu_bound_guest_program_does_not_stop_its_tcp_service() {
+    let mut topo = Topology::new();
+    let primary = topo.host("primary", 11, true);
+    let client = topo.host("client", 1, false);
+    let append = format!("twinvm.ip={GUEST_IP}/{PREFIX} twinvm.svc=counter");
+    let mut vm = Vm::spawn_in(
+        Some(&primary.netns),
+        &["run", "--tap", "tap0", "--append", &append],
+    );
+    let at = vm.wait_for(PROMPT, 0, BOOT_TIMEOUT);
+    let mut stream = connect(&client);
+    let before = requests(&mut stream, 0, 3);
+    vm.type_text("timeout 30 sh -c 'while :; do :; done'; echo busy-done-$?\n");
+    // The typed line comes back once the shell has read it; the loop starts right after.
+    let at = vm.wait_for("busy-done-$?", at, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    let after = requests(&mut stream, 3, 10);
+    let took = t0.elapsed();
+    assert_eq!(after, before + 10, "answers lost or repeated");
+    let console = vm.console();
+    assert!(
+        !console.get(at..).unwrap_or("").contains("busy-done-"),
+        "the busy loop had ended before the answers came ({took:?}):\n{console}"
+    );
+    // The loop itself ends by its timer.
+    vm.wait_for("busy-done-143", at, Duration::from_secs(120));
+    vm.type_text("poweroff -f\n");
+    let status = vm.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{}", vm.stderr());
 }

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use logchannel::entry::{Digest, EndReason, Entry, Position};
-use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootLayout};
@@ -29,9 +28,11 @@ use crate::devices::{
     cmos::{Cmos, RtcNow},
     PioBus,
 };
+use crate::dirty::{DirtyTracker, PAGE_SIZE};
 use crate::ft::Role;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
+use crate::vcpu_state::VcpuState;
 use crate::vstate::{self, KickArm, VcpuKick, VstateError};
 
 /// ISA line of the PIT's channel 0.
@@ -44,6 +45,13 @@ pub const PIT_IRQ: u8 = 0;
 pub const MAX_STEPS: u64 = 500;
 
 /// Whether `insn` is `pushf` (with an optional operand-size or REX prefix).
+/// Quanta a run of guest kernel code may last before it is preempted (see
+/// `Machine::maybe_preempt`).
+const KERNEL_QUANTA: u32 = 10_000;
+
+/// Pages one preemption entry carries (a log entry's payload is at most 1 MiB).
+const PREEMPT_PAGES_PER_ENTRY: usize = 200;
+
 fn is_pushf(insn: &[u8; 3]) -> bool {
     matches!(insn, [0x9c, ..] | [0x66 | 0x48, 0x9c, _])
 }
@@ -95,6 +103,10 @@ pub struct VmConfig {
     /// Keep the bytes of every page hashed at each of the last N digests in this directory
     /// (see [`crate::trail`]).
     pub page_trail: Option<(PathBuf, usize, Option<u64>)>,
+    /// Preemption (DESIGN.md, Determinism 4): a run of the guest that lasts this long without
+    /// a synchronous exit is kicked, and an interrupt that is due is delivered there (a
+    /// recording logs the vCPU state and dirtied pages at that point). `None`: never.
+    pub preempt_quantum: Option<Duration>,
 }
 
 /// Told of every role change of the machine.
@@ -176,6 +188,14 @@ pub enum MachineError {
     /// The page trail's directory.
     #[error("{0}")]
     Trail(String),
+    /// A preemption point could not be taken or applied.
+    #[error("preemption point at position {pos}: {what}")]
+    Preempt {
+        /// Position.
+        pos: u64,
+        /// What failed.
+        what: String,
+    },
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed at position {pos}: {source}")]
     Run {
@@ -245,6 +265,15 @@ pub struct RunStats {
     pub digest_time: Duration,
     /// Dirty pages hashed for them.
     pub digest_pages: u64,
+    /// Preemption points: kicks at which an interrupt was delivered (recorded with the
+    /// vCPU state, or applied from the log in replay).
+    pub preempts: u64,
+    /// Pages those points carried.
+    pub preempt_pages: u64,
+    /// Bytes of state and pages they logged (or applied).
+    pub preempt_bytes: u64,
+    /// Time they took (capture and logging, or applying).
+    pub preempt_time: Duration,
 }
 
 /// Device ids on the port I/O bus.
@@ -559,6 +588,15 @@ pub struct Machine {
     trail: Option<crate::trail::TrailWriter>,
     /// A live backup's output not yet known to be released by its primary.
     replayed_output: Option<ReplayedOutput>,
+    /// Pages dirtied since the last digest and since the last shared point.
+    dirty: DirtyTracker,
+    /// Kicks runs that outlast the preemption quantum (`None`: preemption is off).
+    watchdog: Option<crate::preempt::Watchdog>,
+    /// When the last synchronous exit happened.
+    since_exit: Instant,
+    /// In a replay that applied a preemption point, the hash of every guest page as last
+    /// seen (see [`DigestPages`]).
+    baseline: Option<Vec<u64>>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -588,7 +626,7 @@ impl Machine {
         let vm = vstate::create_vm(&kvm, &mem, mode.wants_digests())?;
         // Pages the loader wrote are the same on every side (the image hashes are in the
         // log header): digests start from a clean bitmap.
-        reset_vmm_dirty(&mem);
+        crate::dirty::reset_vmm_dirty(&mem);
         let mut vcpu = vm.create_vcpu(0).map_err(|source| VstateError::Ioctl {
             what: "create vCPU",
             source,
@@ -599,6 +637,17 @@ impl Machine {
         // before `vcpu`, on this thread (it is not `Send`); it is never leaked on its own.
         let kick_arm = unsafe { KickArm::arm(&mut vcpu)? };
         let kick = kick_arm.kicker();
+        let watchdog = match cfg.preempt_quantum {
+            Some(q) if !q.is_zero() => Some(
+                crate::preempt::Watchdog::start(kick.clone(), q).map_err(|e| {
+                    MachineError::Preempt {
+                        pos: 0,
+                        what: format!("starting the watchdog thread: {e}"),
+                    }
+                })?,
+            ),
+            _ => None,
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut mode = mode;
@@ -621,6 +670,7 @@ impl Machine {
             }
             None => None,
         };
+        let dirty = DirtyTracker::new(&mem);
         let mut machine = Machine {
             _kick_arm: kick_arm,
             vcpu,
@@ -654,6 +704,10 @@ impl Machine {
             divergence: None,
             corrupt_at: cfg.corrupt_at,
             replayed_output: None,
+            dirty,
+            watchdog,
+            since_exit: Instant::now(),
+            baseline: None,
             trail: match &cfg.page_trail {
                 Some((dir, keep, from)) => Some(
                     crate::trail::TrailWriter::new(dir, *keep, *from)
@@ -805,10 +859,24 @@ impl Machine {
             return Ok(outcome);
         }
         loop {
+            if self.mode.is_replay() {
+                // The primary may have preempted its guest after this position's exit: then
+                // the state it had there comes from the log instead of running to it.
+                if let Some(outcome) = self.replay_preemptions()? {
+                    return Ok(outcome);
+                }
+            }
             vstate::clear_kick(&mut self.vcpu);
             let t0 = Instant::now();
+            if let Some(w) = &self.watchdog {
+                w.entering();
+            }
             let exit = self.vcpu.run();
-            self.stats.in_guest += t0.elapsed();
+            if let Some(w) = &self.watchdog {
+                w.left();
+            }
+            let ran = t0.elapsed();
+            self.stats.in_guest += ran;
             let exit = match exit {
                 Ok(VcpuExit::Intr) => None,
                 Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -836,15 +904,20 @@ impl Machine {
                 }
             };
             let Some(exit) = exit else {
-                // A kick: not a synchronous exit, so not a delivery point. Only a stop
-                // request is acted on here.
+                // A kick: not a synchronous exit, so not an ordinary delivery point. A stop
+                // request is acted on here; and a run that lasted the preemption quantum
+                // becomes a preemption point if an interrupt is due and can be taken.
                 self.stats.kicks += 1;
                 if let Some(outcome) = self.drain_events()? {
+                    return Ok(outcome);
+                }
+                if let Some(outcome) = self.maybe_preempt(ran)? {
                     return Ok(outcome);
                 }
                 continue;
             };
             self.stats.sync_exits += 1;
+            self.since_exit = Instant::now();
             let halted = match exit {
                 Exit::Pio => {
                     self.stats.pio_exits += 1;
@@ -1222,6 +1295,20 @@ impl Machine {
         if self.rr(|m| m.stopped_here(pos))? {
             return Ok(Some(RunOutcome::Stopped(0)));
         }
+        self.deliver(pos, halted, None)
+    }
+
+    /// The delivery itself, at an ordinary delivery point or a preemption point: lines
+    /// raised (from the host, or from the log in replay), then the pending interrupt injected
+    /// or the guest stepped towards a point where it can take it. `ready` overrides what the
+    /// last exit said about injecting (at a preemption point the state is the one captured
+    /// or applied there).
+    fn deliver(
+        &mut self,
+        pos: u64,
+        halted: bool,
+        ready: Option<bool>,
+    ) -> Result<Option<RunOutcome>, MachineError> {
         loop {
             if let Some(outcome) = self.drain_events()? {
                 return Ok(Some(outcome));
@@ -1293,9 +1380,158 @@ impl Machine {
                 Err(RecvTimeoutError::Disconnected) => {}
             }
         }
-        self.prepare_entry(pos)?;
+        self.prepare_entry(pos, ready)?;
         if self.rr(|m| m.stopped_here(pos))? {
             return Ok(Some(RunOutcome::Stopped(0)));
+        }
+        Ok(None)
+    }
+
+    /// Whether something waits to be delivered that a preemption point would deliver: a
+    /// timer tick that is due, console input, received frames, or a pending PIC request.
+    fn delivery_due(&mut self) -> bool {
+        let now = self.clock.mono_ns();
+        self.devices.pic.has_interrupt()
+            || self
+                .devices
+                .pit
+                .next_irq_deadline()
+                .is_some_and(|d| d <= now)
+            || !self.pending_input.is_empty()
+            || self.nic.as_mut().is_some_and(|n| n.rx_waiting())
+    }
+
+    /// After a kick: if the run lasted the quantum, something is due and the guest can take
+    /// an interrupt where it stopped, this is a preemption point. A recording logs the vCPU
+    /// state and the pages dirtied since the last shared point (so that its replay need not
+    /// reach this instruction, which no exit marks), then lines are raised and the interrupt
+    /// injected as at any delivery point, at the same position.
+    fn maybe_preempt(&mut self, ran: Duration) -> Result<Option<RunOutcome>, MachineError> {
+        let Some(quantum) = self.watchdog.as_ref().map(|w| w.quantum()) else {
+            return Ok(None);
+        };
+        if self.mode.is_replay()
+            || ran < quantum
+            || self.vcpu.get_kvm_run().ready_for_interrupt_injection == 0
+            || !self.delivery_due()
+        {
+            return Ok(None);
+        }
+        let pos = self.position();
+        // Guest kernel code exits often (its slow paths here take port I/O, halts and
+        // single steps); a run of it that outlasts a quantum ends by itself soon, and
+        // preempting it would cost a preemption point (some forty pages) at nearly every
+        // tick of a boot. User code is what can run without end: it is preempted after one
+        // quantum, the kernel only after KERNEL_QUANTA of them (a busy-wait on `jiffies`).
+        let user = self
+            .vcpu
+            .get_sregs()
+            .map(|s| s.cs.selector & 3 == 3)
+            .map_err(|e| MachineError::Preempt {
+                pos,
+                what: format!("reading special registers: {e}"),
+            })?;
+        if !user && self.since_exit.elapsed() < quantum * KERNEL_QUANTA {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let ready = if self.mode.is_recording() {
+            let err = |what: String| MachineError::Preempt { pos, what };
+            let state = VcpuState::capture(&self.vcpu).map_err(|e| err(e.to_string()))?;
+            self.dirty.collect(&self.vm, &self.mem).map_err(err)?;
+            let mut pages = Vec::new();
+            for gfn in self.dirty.take_since_common(&self.mem) {
+                let mut buf = vec![0u8; PAGE_SIZE as usize];
+                self.mem
+                    .read_slice(&mut buf, GuestAddress(gfn * PAGE_SIZE))
+                    .map_err(|e| err(format!("reading guest page {gfn:#x}: {e}")))?;
+                pages.push((gfn, buf));
+            }
+            let vcpu = state.encode();
+            self.stats.preempt_pages += pages.len() as u64;
+            self.stats.preempt_bytes += (vcpu.len() + pages.len() * PAGE_SIZE as usize) as u64;
+            // An entry's payload is bounded (1 MiB): pages beyond one entry's share go first.
+            while pages.len() > PREEMPT_PAGES_PER_ENTRY {
+                let rest = pages.split_off(PREEMPT_PAGES_PER_ENTRY);
+                let entry = Entry::PreemptPages {
+                    pos: Position(pos),
+                    pages: std::mem::replace(&mut pages, rest),
+                };
+                self.rr(|m| m.preempt(&entry))?;
+            }
+            let entry = Entry::Preempt {
+                pos: Position(pos),
+                vcpu,
+                pages,
+            };
+            self.rr(|m| m.preempt(&entry))?;
+            state.interruptible()
+        } else {
+            true
+        };
+        self.stats.preempts += 1;
+        self.stats.preempt_time += t0.elapsed();
+        self.deliver(pos, false, Some(ready))
+    }
+
+    /// In replay, before entering the guest at `pos`: every preemption point the log has
+    /// here is applied (the vCPU state, then the pages), and the delivery logged after it
+    /// follows, as the primary did it.
+    fn replay_preemptions(&mut self) -> Result<Option<RunOutcome>, MachineError> {
+        let pos = self.position();
+        while let Some(entry) = self.rr(|m| m.next_preempt(pos))? {
+            let t0 = Instant::now();
+            let err = |what: String| MachineError::Preempt { pos, what };
+            let (vcpu, pages) = match entry {
+                Entry::Preempt { vcpu, pages, .. } => (Some(vcpu), pages),
+                Entry::PreemptPages { pages, .. } => (None, pages),
+                _ => unreachable!("next_preempt returns preemption entries only"),
+            };
+            for (gfn, bytes) in &pages {
+                if bytes.len() != PAGE_SIZE as usize {
+                    return Err(err(format!(
+                        "page {gfn:#x} has {} bytes in the log",
+                        bytes.len()
+                    )));
+                }
+                self.mem
+                    .write_slice(bytes, GuestAddress(gfn * PAGE_SIZE))
+                    .map_err(|e| err(format!("writing guest page {gfn:#x}: {e}")))?;
+            }
+            self.stats.preempt_pages += pages.len() as u64;
+            self.stats.preempt_bytes += (pages.len() * PAGE_SIZE as usize) as u64;
+            let Some(vcpu) = vcpu else {
+                // More pages of the same point follow.
+                self.stats.preempt_time += t0.elapsed();
+                continue;
+            };
+            let state = VcpuState::decode(&vcpu).map_err(|e| err(e.to_string()))?;
+            // The exit at `pos` must be finished before its result is replaced: KVM would
+            // otherwise apply it to the restored state at the next entry.
+            vstate::complete_pending_exit(&mut self.vcpu).map_err(|e| err(e.to_string()))?;
+            // What KVM's dirty log holds so far belongs to the digest's set; re-registering
+            // the memory below would drop it.
+            self.dirty.collect(&self.vm, &self.mem).map_err(err)?;
+            // The guest's page tables may be among those pages, written behind the back of
+            // a shadow MMU (this host's software KVM): its cached translations go.
+            vstate::refresh_memory(&self.vm, &self.mem, self.mode.wants_digests())
+                .map_err(|e| err(e.to_string()))?;
+            state
+                .restore(&self.vm, &self.vcpu)
+                .map_err(|e| err(e.to_string()))?;
+            if self.baseline.is_none() {
+                self.baseline = Some(page_hashes(&self.mem).map_err(err)?);
+            }
+            self.stats.preempts += 1;
+            self.stats.preempt_bytes += vcpu.len() as u64;
+            self.stats.preempt_time += t0.elapsed();
+            if let Some(outcome) = self.deliver(pos, false, Some(state.interruptible()))? {
+                return Ok(Some(outcome));
+            }
+            if !self.mode.is_replay() {
+                // Went live while delivering: the rest is the live machine's.
+                break;
+            }
         }
         Ok(None)
     }
@@ -1419,16 +1655,22 @@ impl Machine {
         let t0 = Instant::now();
         // Output not yet taken from the UART counts as written.
         self.flush_console();
-        let (vcpu, vm, mem) = (&self.vcpu, &self.vm, &self.mem);
+        let (vcpu, vm, mem, tracker) = (&self.vcpu, &self.vm, &self.mem, &mut self.dirty);
+        let baseline = &mut self.baseline;
         let console = [
             ("console_bytes", self.console_bytes),
             ("console_hash", self.console_hash),
         ];
         let mut pages = 0u64;
         let trail = &mut self.trail;
-        let r = self.mode.digest(pos, || {
+        let r = self.mode.digest(pos, |recorded| {
             let keep = trail.as_ref().is_some_and(|t| t.wants(pos));
-            let (d, snap) = state_digest(vcpu, vm, mem, pos, &console, keep)?;
+            let sel = DigestPages {
+                tracker,
+                recorded,
+                baseline: baseline.as_mut(),
+            };
+            let (d, snap) = state_digest(vcpu, vm, mem, sel, pos, &console, keep)?;
             pages = d.pages.len() as u64;
             if let (Some(t), Some(snap)) = (trail.as_mut(), snap) {
                 // Written before the comparison, so a mismatching digest's bytes are kept.
@@ -1462,11 +1704,12 @@ impl Machine {
     /// counts); it is not used. Single-stepping stops short of an instruction that returns to
     /// user mode (where this host delivers the step's #DB to the guest instead), and after
     /// [`MAX_STEPS`] steps; the interrupt then waits for the next ordinary exit.
-    fn prepare_entry(&mut self, pos: u64) -> Result<(), MachineError> {
+    fn prepare_entry(&mut self, pos: u64, ready: Option<bool>) -> Result<(), MachineError> {
         let mut vector = None;
         let mut step = false;
         if self.devices.pic.has_interrupt() {
-            if self.vcpu.get_kvm_run().ready_for_interrupt_injection != 0 {
+            let ready = ready.unwrap_or(self.vcpu.get_kvm_run().ready_for_interrupt_injection != 0);
+            if ready {
                 vector = self.devices.pic.ack();
             } else {
                 step = self.step_budget > 0 && self.can_step()?;
@@ -1593,17 +1836,21 @@ impl Machine {
     }
 }
 
-/// Clears vm-memory's record of pages the VMM wrote.
-fn reset_vmm_dirty(mem: &GuestMemory) {
+/// The hash of every page of guest memory, indexed by frame number.
+fn page_hashes(mem: &GuestMemory) -> Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
     for region in mem.iter() {
-        vmm_bitmap(region).reset();
+        let base = region.start_addr().0 / PAGE_SIZE;
+        let n = region.len() / PAGE_SIZE;
+        out.resize((base + n) as usize, 0);
+        for gfn in base..base + n {
+            mem.read_slice(&mut buf, GuestAddress(gfn * PAGE_SIZE))
+                .map_err(|e| format!("reading guest page {gfn:#x}: {e}"))?;
+            out[gfn as usize] = hash_bytes(&buf);
+        }
     }
-}
-
-/// The bitmap of pages the VMM wrote through vm-memory in `region`.
-fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
-    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-    mapping.bitmap()
+    Ok(out)
 }
 
 /// A 64-bit hash of `bytes` (FNV-1a over 64-bit words, with a final mix). Not
@@ -1621,8 +1868,6 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
-const PAGE_SIZE: u64 = 4096;
-
 /// The vCPU's registers, a hash of its FPU/SSE state, and a hash of every page dirtied since
 /// the last digest (KVM's dirty log, which also resets it, together with the pages the VMM
 /// wrote itself). `extra` adds named values of the VMM's own (the console output hash).
@@ -1630,6 +1875,7 @@ pub fn state_digest(
     vcpu: &VcpuFd,
     vm: &VmFd,
     mem: &GuestMemory,
+    sel: DigestPages<'_>,
     pos: u64,
     extra: &[(&str, u64)],
     keep: bool,
@@ -1687,30 +1933,37 @@ pub fn state_digest(
     regs.sort();
     let fpu_hash = hash_bytes(&fpu_digest_bytes(&f, s.cs.selector & 3 == 3));
 
+    sel.tracker.collect(vm, mem).map_err(RrError::Kvm)?;
+    let mut gfns = sel.tracker.take_since_digest(mem);
+    if let (Some(recorded), Some(_)) = (sel.recorded, &sel.baseline) {
+        gfns.extend_from_slice(recorded);
+        gfns.sort_unstable();
+        gfns.dedup();
+    }
     let mut pages = Vec::new();
     let mut kept = Vec::new();
     let mut buf = vec![0u8; PAGE_SIZE as usize];
-    for (slot, region) in mem.iter().enumerate() {
-        let len = region.len() as usize;
-        let bitmap = vm
-            .get_dirty_log(slot as u32, len)
-            .map_err(|e| kvm_err("reading the dirty log", e))?;
-        let base = region.start_addr().0;
-        let npages = region.len() / PAGE_SIZE;
-        for page in 0..npages {
-            let kvm_dirty = bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0;
-            let vmm_dirty = vmm_bitmap(region).dirty_at((page * PAGE_SIZE) as usize);
-            if kvm_dirty || vmm_dirty {
-                let gpa = base + page * PAGE_SIZE;
-                mem.read_slice(&mut buf, GuestAddress(gpa))
-                    .map_err(|e| RrError::Kvm(format!("reading guest page {gpa:#x}: {e}")))?;
-                pages.push((gpa / PAGE_SIZE, hash_bytes(&buf)));
-                if keep {
-                    kept.push(buf.clone());
-                }
+    let mut baseline = sel.baseline;
+    for gfn in gfns {
+        let gpa = gfn * PAGE_SIZE;
+        mem.read_slice(&mut buf, GuestAddress(gpa))
+            .map_err(|e| RrError::Kvm(format!("reading guest page {gpa:#x}: {e}")))?;
+        let hash = hash_bytes(&buf);
+        if let Some(b) = baseline.as_deref_mut() {
+            let unchanged = b.get(gfn as usize) == Some(&hash);
+            if let Some(slot) = b.get_mut(gfn as usize) {
+                *slot = hash;
+            }
+            // Marked dirty here only, its bytes as they were: not a difference.
+            let theirs = sel.recorded.is_some_and(|r| r.binary_search(&gfn).is_ok());
+            if unchanged && !theirs {
+                continue;
             }
         }
-        vmm_bitmap(region).reset();
+        pages.push((gfn, hash));
+        if keep {
+            kept.push(buf.clone());
+        }
     }
     let snap = keep.then(|| crate::trail::Snapshot {
         pos,
@@ -1729,6 +1982,27 @@ pub fn state_digest(
         },
         snap,
     ))
+}
+
+/// Which pages a digest hashes: those dirtied since the last digest (`tracker`), and, in a
+/// replay that has applied a preemption point (`baseline` set), also the recording's own
+/// list (`recorded`).
+///
+/// Why: KVM's dirty log is a superset of the pages written (a shadow MMU marks a page dirty
+/// when it maps it writable, prefetching included), equal on both sides only while both
+/// MMUs have the same history. A replay that applies a preemption point skips a stretch of
+/// the guest's execution and drops KVM's cached translations, so from then on its set can
+/// hold pages the recording's does not, with unchanged bytes. The replay then hashes the
+/// recording's pages and its own, and leaves out a page of its own whose bytes are those it
+/// last had (`baseline`: the hash of every page, taken when the first preemption point is
+/// applied and kept current at each digest); a page it changed on its own still shows.
+pub struct DigestPages<'a> {
+    /// Pages dirtied since the last digest.
+    pub tracker: &'a mut DirtyTracker,
+    /// In replay, the recorded digest's frame numbers (sorted).
+    pub recorded: Option<&'a [u64]>,
+    /// The hash of every page as last seen, indexed by frame number.
+    pub baseline: Option<&'a mut Vec<u64>>,
 }
 
 /// The FPU/SSE state a digest covers: all of it where the guest runs user code (CPL 3),

@@ -398,6 +398,12 @@ struct GuestArgs {
     /// The card's MAC address, aa:bb:cc:dd:ee:ff [default: 52:54:00:74:77:01].
     #[arg(long, value_parser = parse_mac_arg)]
     mac: Option<[u8; 6]>,
+    /// Preemption quantum in milliseconds: a guest run that lasts this long without an exit
+    /// (a CPU-bound program) is interrupted there to deliver what is due, its timer tick
+    /// included; a recording logs the vCPU state and dirtied pages at that point. 0: never
+    /// (a CPU-bound guest program then keeps its interrupts waiting until it exits).
+    #[arg(long, default_value_t = 10)]
+    preempt_ms: u64,
     #[command(flatten)]
     trail: TrailArgs,
 }
@@ -482,6 +488,8 @@ impl GuestArgs {
             tap: self.tap.clone(),
             corrupt_at: None,
             page_trail: self.trail.config(),
+            preempt_quantum: (self.preempt_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.preempt_ms)),
         })
     }
 }
@@ -528,6 +536,8 @@ impl ReplayArgs {
             tap: None,
             corrupt_at: self.test_corrupt_at,
             page_trail: self.trail.config(),
+            // A replay takes its preemption points from the log.
+            preempt_quantum: None,
         })
     }
 }
@@ -556,6 +566,10 @@ fn write_stats(
         "digests": s.digests,
         "digest_s": secs(s.digest_time),
         "digest_pages": s.digest_pages,
+        "preempts": s.preempts,
+        "preempt_pages": s.preempt_pages,
+        "preempt_bytes": s.preempt_bytes,
+        "preempt_s": secs(s.preempt_time),
         "log_bytes": log_bytes,
     });
     std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))
@@ -611,8 +625,8 @@ fn run_boxed(
         _ => {}
     }
     tracing::info!(
-        "guest ended ({outcome:?}) at position {}: {} PIO, {} HLT, {} single-step exits in {} episodes, {} interrupts injected, {} kicks; {:.2?} in KVM_RUN, {:.2?} idle, {:.2?} setup",
-        s.sync_exits, s.pio_exits, s.hlt_exits, s.step_exits, s.step_episodes, s.injected, s.kicks, s.in_guest, s.idle, s.setup
+        "guest ended ({outcome:?}) at position {}: {} PIO, {} HLT, {} single-step exits in {} episodes, {} interrupts injected, {} kicks, {} preemption points ({} pages); {:.2?} in KVM_RUN, {:.2?} idle, {:.2?} setup",
+        s.sync_exits, s.pio_exits, s.hlt_exits, s.step_exits, s.step_episodes, s.injected, s.kicks, s.preempts, s.preempt_pages, s.in_guest, s.idle, s.setup
     );
     Ok(outcome)
 }

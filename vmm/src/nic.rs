@@ -242,6 +242,12 @@ impl Nic {
         self.armed.store(true, Ordering::Release);
     }
 
+    /// Whether a received frame waits that the guest has room for (reads the TAP first).
+    pub fn rx_waiting(&mut self) -> bool {
+        self.poll_tap();
+        !self.rx_queue.is_empty() && self.transport.device().rx_ready()
+    }
+
     /// The next received frame the guest has room for, taken from the queue.
     pub fn next_rx(&mut self) -> Option<Vec<u8>> {
         if self.transport.device().rx_ready() {

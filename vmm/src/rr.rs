@@ -497,6 +497,12 @@ pub fn describe(e: &Entry) -> String {
         Entry::NetRx { frame, .. } => format!("a received frame of {} bytes", frame.len()),
         Entry::Digest(_) => "a state digest".to_string(),
         Entry::Landmark { .. } => "a landmark".to_string(),
+        Entry::Preempt { pages, .. } => {
+            format!("a preemption point ({} pages)", pages.len())
+        }
+        Entry::PreemptPages { pages, .. } => {
+            format!("{} pages of a preemption point", pages.len())
+        }
         Entry::Heartbeat { .. } => "a heartbeat".to_string(),
         Entry::End { reason, .. } => format!("the end ({reason:?})"),
     }
@@ -514,6 +520,30 @@ impl Mode {
             (Mode::Replay(r), RrError::PeerLost { .. }) => r.is_live(),
             (Mode::Record(r), RrError::Channel(_)) => matches!(r.sink, Sink::Net(_)),
             _ => false,
+        }
+    }
+
+    /// Whether inputs are written to a log (a file or a live backup).
+    pub fn is_recording(&self) -> bool {
+        matches!(self, Mode::Record(_))
+    }
+
+    /// Logs a preemption point (an [`Entry::Preempt`]; record only).
+    pub fn preempt(&mut self, entry: &Entry) -> Result<(), RrError> {
+        match self {
+            Mode::Record(r) => r.append(entry),
+            _ => Ok(()),
+        }
+    }
+
+    /// In replay, the preemption point (or a part of its pages) logged at `pos` next, if any.
+    pub fn next_preempt(&mut self, pos: u64) -> Result<Option<Entry>, RrError> {
+        let Mode::Replay(r) = self else {
+            return Ok(None);
+        };
+        match r.peek_at(pos)? {
+            Some(Entry::Preempt { .. } | Entry::PreemptPages { .. }) => Ok(Some(r.take())),
+            _ => Ok(None),
         }
     }
 
@@ -694,12 +724,12 @@ impl Mode {
     pub fn digest(
         &mut self,
         pos: u64,
-        take: impl FnOnce() -> Result<Digest, RrError>,
+        take: impl FnOnce(Option<&[u64]>) -> Result<Digest, RrError>,
     ) -> Result<(), RrError> {
         match self {
             Mode::Live => Ok(()),
             Mode::Record(r) => {
-                let d = take()?;
+                let d = take(None)?;
                 r.append(&Entry::Digest(d))
             }
             Mode::Replay(r) => {
@@ -716,7 +746,8 @@ impl Mode {
                         })
                     }
                 };
-                let mine = take()?;
+                let gfns: Vec<u64> = recorded.pages.iter().map(|p| p.0).collect();
+                let mine = take(Some(&gfns))?;
                 let diff = recorded.diff(&mine);
                 if diff.is_empty() {
                     r.digests_matched += 1;

@@ -123,6 +123,18 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemory, log_dirty: bool) -> Result<VmFd, 
     let vm = kvm.create_vm().map_err(ioctl_err("create VM"))?;
     vm.set_tss_address(TSS_ADDRESS)
         .map_err(ioctl_err("set TSS address"))?;
+    register_memory(&vm, mem, log_dirty, false)?;
+    Ok(vm)
+}
+
+/// Registers every region of `mem` as a memory slot (first deleting the slot, with
+/// `replace`).
+fn register_memory(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    log_dirty: bool,
+    replace: bool,
+) -> Result<(), VstateError> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -135,12 +147,29 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemory, log_dirty: bool) -> Result<VmFd, 
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
+        if replace {
+            let gone = kvm_userspace_memory_region {
+                memory_size: 0,
+                ..region_desc
+            };
+            // SAFETY: a size of 0 deletes the slot; KVM then no longer maps the region.
+            unsafe { vm.set_user_memory_region(gone) }
+                .map_err(ioctl_err("unregister guest memory"))?;
+        }
         // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which
         // the caller keeps alive for as long as the VM exists (the machine owns both).
         unsafe { vm.set_user_memory_region(region_desc) }
             .map_err(ioctl_err("register guest memory"))?;
     }
-    Ok(vm)
+    Ok(())
+}
+
+/// Makes KVM drop every translation it derived from guest memory, by deleting and
+/// re-registering its slots: after the VMM wrote guest pages that may be the guest's page
+/// tables, a shadow MMU (software KVM) would otherwise go on using its stale copies. The
+/// dirty log restarts empty (read it first).
+pub fn refresh_memory(vm: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), VstateError> {
+    register_memory(vm, mem, log_dirty, true)
 }
 
 /// Injects an external interrupt with `vector` into a vCPU that has no in-kernel irqchip.
@@ -303,6 +332,25 @@ impl Drop for KickArm {
 /// Clears a pending kick on the vCPU before the next `KVM_RUN`.
 pub fn clear_kick(vcpu: &mut VcpuFd) {
     vcpu.set_kvm_immediate_exit(0);
+}
+
+/// Completes the exit the VMM just handled without running the guest: KVM finishes a port
+/// I/O or MMIO read (the data into the register, the instruction pointer past it) only at the
+/// next `KVM_RUN`. State read or written before that would miss it, or have it applied on
+/// top (a restored RIP moved one instruction on, a restored RAX overwritten). `KVM_RUN` with
+/// `immediate_exit` set completes it and returns `EINTR` before entering the guest.
+pub fn complete_pending_exit(vcpu: &mut VcpuFd) -> Result<(), VstateError> {
+    vcpu.set_kvm_immediate_exit(1);
+    let r = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(VstateError::Ioctl {
+            what: "complete the pending exit",
+            source: e,
+        }),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// A port I/O exit, read from the vCPU's `kvm_run` page.

@@ -6,7 +6,7 @@ use crate::entry::{Entry, LogHeader, Position};
 
 /// The version of the channel protocol (messages and their order), sent in
 /// [`Message::Hello`] and [`Message::Welcome`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// One message on the log channel.
 ///

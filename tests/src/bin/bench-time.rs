@@ -54,6 +54,11 @@ fn measure(what: &str, r: &TimedRun, stats: Option<Stats>) -> Result<Measured> {
     })
 }
 
+/// The guest's run time as the stats file has it: time in the guest plus time idle.
+fn x_wall(s: &Stats) -> Result<f64> {
+    Ok(s.f("in_guest_s")? + s.f("idle_s")?)
+}
+
 fn main() -> std::process::ExitCode {
     bench::main_with("bench-time", || {
         let opts = bench::parse_options(1, None, &["--rounds"], USAGE)?;
@@ -156,13 +161,45 @@ fn main() -> std::process::ExitCode {
             t.row("spawn -> first clock line", col(&|x| x.first_clock), "s", 1);
             t.row("whole run", col(&|x| x.wall), "s", 1);
             if v.iter().all(|x| x.stats.is_some()) {
-                for key in ["positions", "step_exits", "step_episodes", "injected"] {
+                for key in [
+                    "positions",
+                    "step_exits",
+                    "step_episodes",
+                    "injected",
+                    "preempts",
+                    "preempt_pages",
+                ] {
                     let vals: Result<Vec<f64>> = v
                         .iter()
                         .map(|x| x.stats.as_ref().map_or(Ok(f64::NAN), |s| s.f(key)))
                         .collect();
                     t.row(key, vals?, "", 0);
                 }
+                // Preemption points (issue 15): how often, how big, what each costs the
+                // guest (the primary's time to capture and log one).
+                let per = |f: &dyn Fn(&Stats) -> Result<f64>| -> Result<Vec<f64>> {
+                    v.iter()
+                        .map(|x| x.stats.as_ref().map_or(Ok(f64::NAN), f))
+                        .collect()
+                };
+                t.row(
+                    "preemption points per second of run",
+                    per(&|s| Ok(s.f("preempts")? / x_wall(s)?))?,
+                    "/s",
+                    1,
+                );
+                t.row(
+                    "bytes logged per preemption point",
+                    per(&|s| Ok(s.f("preempt_bytes")? / s.f("preempts")?.max(1.0)))?,
+                    "B",
+                    0,
+                );
+                t.row(
+                    "pause per preemption point",
+                    per(&|s| Ok(s.f("preempt_s")? * 1000.0 / s.f("preempts")?.max(1.0)))?,
+                    "ms",
+                    2,
+                );
             }
         }
         print!("{}", t.render());
