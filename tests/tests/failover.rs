@@ -424,13 +424,15 @@ fn a_guest_that_set_its_rtc_reads_it_on_after_failover() {
     let [rtc, sys] = got[..] else {
         panic!("expected the RTC and the system time: {got:?} in {console}");
     };
-    // The guest's clock carries on from the replayed time: behind the host's by at most the
-    // takeover (the guest did not run meanwhile), never ahead.
+    // The guest's clock carries on from the replayed time, never ahead of the host's: behind
+    // it by the takeover, by the time the guest sat idle before the kill (the backup's clock
+    // starts where the guest last read it) and by the console's delay on a loaded host
+    // (measured: 7 s behind with a 2 s takeover at load 11). The bug was decades off.
     let want = asked + ahead;
-    let slack = 10;
+    let (ahead_slack, behind_slack) = (5, 60);
     for (what, t) in [("RTC", rtc), ("system time", sys)] {
         assert!(
-            t <= want + slack && t >= want - takeover - slack,
+            t <= want + ahead_slack && t >= want - takeover - behind_slack,
             "the survivor's {what} reads {t}, want {want} (takeover {takeover} s; {} s off)",
             t - want
         );
