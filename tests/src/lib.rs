@@ -259,6 +259,24 @@ impl Drop for Vm {
     }
 }
 
+/// Runs `twinvm ARGS` to its end, typing `input` at its console first (then closing it), and
+/// returns its status and output.
+pub fn twinvm_typing(args: &[&str], input: &str) -> std::process::Output {
+    let mut child = Command::new(workspace_bin("twinvm"))
+        .args(args)
+        .env("TWINVM_GUEST_DIR", guest_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run twinvm");
+    let mut stdin = child.stdin.take().unwrap();
+    // A VMM that fails at once has closed its end: its status says why.
+    let _ = std::io::Write::write_all(&mut stdin, input.as_bytes());
+    drop(stdin);
+    child.wait_with_output().expect("wait for twinvm")
+}
+
 /// Position of `needle` in `hay`.
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() {

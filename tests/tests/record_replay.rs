@@ -4,15 +4,14 @@
 //! (see `twinvm_tests::snapshots`; booting is tested in boot.rs), recorded once and
 //! replayed from the same snapshot; damaged logs are refused.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use logchannel::entry::Entry;
 use logchannel::file::{rewrite_entry, LogReader};
 use twinvm_tests::snapshots::prompt_snapshot;
-use twinvm_tests::{guest_dir, workspace_bin};
+use twinvm_tests::twinvm_typing;
 
 /// One recording shared by the tests of this file (it takes a guest boot).
 struct Recording {
@@ -28,23 +27,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn twinvm(args: &[&str]) -> Output {
     twinvm_typing(args, "")
-}
-
-/// Runs `twinvm ARGS` to the end, typing `input` at its console first.
-fn twinvm_typing(args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(workspace_bin("twinvm"))
-        .args(args)
-        .env("TWINVM_GUEST_DIR", guest_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run twinvm");
-    let mut stdin = child.stdin.take().unwrap();
-    // A VMM that fails at once has closed its end: its status says why.
-    let _ = stdin.write_all(input.as_bytes());
-    drop(stdin);
-    child.wait_with_output().expect("wait for twinvm")
 }
 
 /// The workload, typed at the prompt: the console is drained before the guest powers off.

@@ -3,12 +3,11 @@
 //! a recording that starts from a snapshot names it and its replay insists on it, and a
 //! damaged or foreign snapshot is one clear error line.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use twinvm_tests::snapshots::prompt_snapshot;
-use twinvm_tests::{guest_dir, workspace_bin};
+use twinvm_tests::twinvm_typing;
 use vmm::snapshot::Snapshot;
 
 fn scratch(name: &str) -> PathBuf {
@@ -23,19 +22,7 @@ fn text(b: &[u8]) -> String {
 
 /// Runs `twinvm ARGS`, typing `input` at its console (then closing it), to the end.
 fn twinvm(args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(workspace_bin("twinvm"))
-        .args(args)
-        .env("TWINVM_GUEST_DIR", guest_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run twinvm");
-    let mut stdin = child.stdin.take().unwrap();
-    // A VMM that fails at once has closed its end: its status says why.
-    let _ = stdin.write_all(input.as_bytes());
-    drop(stdin);
-    child.wait_with_output().expect("wait for twinvm")
+    twinvm_typing(args, input)
 }
 
 fn s(p: &Path) -> &str {
