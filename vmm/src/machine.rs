@@ -1577,10 +1577,19 @@ impl Machine {
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
-        // The replay has reached `pos`: a primary held back for it learns so even while this
-        // side waits below for the log (a pair restored from a snapshot starts far from 0).
+        if self.corrupt_at == Some(pos) {
+            self.corrupt_guest_memory(pos);
+        }
         self.mode.progress(pos);
-        // A replay whose recording took a snapshot here does what taking it did to the VM.
+        if let (Some(out), Some((c, f))) = (&mut self.replayed_output, self.mode.primary_released())
+        {
+            out.trim(c, f);
+        }
+        self.rr(|m| m.check_peer())?;
+        // Snapshots come before the digest (their entry comes first at a delivery point) and
+        // after the progress report: a live backup may wait for its next entry here, and its
+        // primary may be waiting for that report. A replay whose recording took a snapshot
+        // here does what taking it did to the VM.
         let logged = self.rr(|m| m.snapshot_here(pos))?.is_some();
         let mut taken = false;
         if self.snapshot_at.as_ref().is_some_and(|r| r.pos == pos) {
@@ -1598,14 +1607,6 @@ impl Machine {
         if logged || (taken && !self.mode.is_replay()) {
             self.reset_mmu()?;
         }
-        if self.corrupt_at == Some(pos) {
-            self.corrupt_guest_memory(pos);
-        }
-        if let (Some(out), Some((c, f))) = (&mut self.replayed_output, self.mode.primary_released())
-        {
-            out.trim(c, f);
-        }
-        self.rr(|m| m.check_peer())?;
         if self.digest_interval > 0 && pos > 0 && pos % self.digest_interval == 0 {
             self.digest_now(pos)?;
         }
