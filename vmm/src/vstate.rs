@@ -159,7 +159,7 @@ pub fn reset_memory_slots(
     log_dirty: bool,
 ) -> Result<(), VstateError> {
     for (slot, region) in mem.iter().enumerate() {
-        let mut desc = kvm_userspace_memory_region {
+        let gone = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
             guest_phys_addr: region.start_addr().0,
@@ -167,17 +167,9 @@ pub fn reset_memory_slots(
             userspace_addr: region.as_ptr() as u64,
         };
         // SAFETY: a size of 0 deletes the slot; KVM stops using the mapping.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(ioctl_err("delete a memory slot"))?;
-        desc.memory_size = region.len();
-        if log_dirty {
-            desc.flags = kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
-        }
-        // SAFETY: as in `create_vm`: the region is a live mapping of `memory_size` bytes owned
-        // by `mem`, which the caller keeps alive for as long as the VM exists.
-        unsafe { vm.set_user_memory_region(desc) }
-            .map_err(ioctl_err("register guest memory again"))?;
+        unsafe { vm.set_user_memory_region(gone) }.map_err(ioctl_err("delete a memory slot"))?;
     }
-    Ok(())
+    register_memory(vm, mem, log_dirty)
 }
 
 /// Injects an external interrupt with `vector` into a vCPU that has no in-kernel irqchip.
