@@ -13,7 +13,12 @@
 //!
 //! Calls are bounded: a timeout per RPC, a bounded number of attempts with doubling backoff
 //! on retryable failures (unavailable member, no leader, timeouts), and a bounded number of
-//! compare-and-swap rounds. Retrying is safe for the same reasons as with the standalone
+//! compare-and-swap rounds. The client keeps one connection per member, made on first use,
+//! and sends every call to one member until that member fails in a retryable way; the next
+//! attempt then goes to the next member in the list. (A balanced channel over all members,
+//! as `etcd_client` makes by default, keeps picking a dead member: its reconnecting service
+//! reports ready and fails each call at once, so a few attempts could all land on it while
+//! two members were up, which is how a claim with one member down was seen to fail.) Retrying is safe for the same reasons as with the standalone
 //! arbiter: a repeated claim or re-pair by the same claimant is answered the same.
 //! Without a quorum nothing is decided: calls fail with [`EtcdError::Unavailable`].
 //!
@@ -24,6 +29,8 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
@@ -217,7 +224,8 @@ pub struct EtcdConfig {
     pub connect_timeout: Duration,
     /// Time allowed for one RPC.
     pub request_timeout: Duration,
-    /// Attempts per call (at least 1) on retryable failures.
+    /// Attempts per call (at least 1) on retryable failures; after a failure the next
+    /// attempt goes to the next member.
     pub attempts: u32,
     /// Pause before the second attempt; doubled for each further one.
     pub backoff: Duration,
@@ -311,9 +319,18 @@ enum Failure {
 /// Async client of the arbiter on etcd.
 #[derive(Clone)]
 pub struct EtcdClient {
-    client: std::sync::Arc<etcd_client::Client>,
-    config: std::sync::Arc<EtcdConfig>,
+    members: Arc<Members>,
+    config: Arc<EtcdConfig>,
     label: String,
+}
+
+/// One connection per member, each made on first use, and the member calls go to.
+struct Members {
+    options: ConnectOptions,
+    conns: Vec<tokio::sync::OnceCell<etcd_client::Client>>,
+    /// Index of the member the next attempt goes to: kept while it answers, moved to the
+    /// next one after a retryable failure.
+    current: AtomicUsize,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -325,9 +342,9 @@ impl std::fmt::Debug for EtcdClient {
 }
 
 impl EtcdClient {
-    /// Connects to the cluster (authenticating if credentials are given; a wrong password
-    /// is [`EtcdError::AuthFailed`] here). Members are contacted lazily otherwise: use
-    /// [`EtcdClient::check`] to know that the cluster answers.
+    /// Connects to the cluster: to its first member that answers if credentials are given
+    /// (authenticating; a wrong password is [`EtcdError::AuthFailed`] here), lazily
+    /// otherwise: use [`EtcdClient::check`] to know that the cluster answers.
     pub async fn connect(config: EtcdConfig) -> Result<EtcdClient, EtcdError> {
         config.validate()?;
         let label = config.endpoints.join(",");
@@ -341,31 +358,33 @@ impl EtcdClient {
                 .with_user(c.user.clone(), c.password.clone())
                 .with_auto_token_refresh(true);
         }
-        let calls = Calls {
-            config: &config,
-            label: &label,
+        let members = Members {
+            options,
+            conns: config
+                .endpoints
+                .iter()
+                .map(|_| tokio::sync::OnceCell::new())
+                .collect(),
+            current: AtomicUsize::new(0),
         };
-        let client = calls
-            .retrying(config.attempts, "connect", || async {
-                calls
-                    .rpc(
-                        "",
-                        etcd_client::Client::connect(&config.endpoints, Some(options.clone())),
-                    )
-                    .await
-            })
-            .await?;
-        Ok(EtcdClient {
-            client: std::sync::Arc::new(client),
-            config: std::sync::Arc::new(config.clone()),
+        let client = EtcdClient {
+            members: Arc::new(members),
+            config: Arc::new(config),
             label,
-        })
+        };
+        if client.config.credentials.is_some() {
+            client
+                .retrying(client.config.attempts, "connect", |_| async { Ok(()) })
+                .await?;
+        }
+        Ok(client)
     }
 
     fn calls(&self) -> Calls<'_> {
         Calls {
             config: &self.config,
             label: &self.label,
+            members: &self.members,
         }
     }
 
@@ -376,7 +395,7 @@ impl EtcdClient {
         attempt: F,
     ) -> Result<T, EtcdError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(etcd_client::Client) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         self.calls().retrying(attempts, what, attempt).await
@@ -406,14 +425,14 @@ impl EtcdClient {
     /// entry, if any.
     pub async fn check(&self, vm: &str) -> Result<Option<Entry>, EtcdError> {
         check_id("VM", vm)?;
-        let key = self.key(vm);
-        self.retrying(self.config.attempts, "check", || async {
+        let key = &self.key(vm);
+        self.retrying(self.config.attempts, "check", |client| async move {
             let txn = Txn::new()
                 .when([Compare::version(key.clone(), CompareOp::Less, 0)])
                 .and_then([TxnOp::put(key.clone(), "", None)])
                 .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = self.rpc(&key, self.client.kv_client().txn(txn)).await?;
-            let (stored, _) = self.read_from_txn(&key, &resp)?;
+            let resp = self.rpc(key, client.kv_client().txn(txn)).await?;
+            let (stored, _) = self.read_from_txn(key, &resp)?;
             Ok(match stored {
                 Some(Stored::Live(e)) => Some(e),
                 _ => None,
@@ -491,11 +510,12 @@ impl EtcdClient {
     /// Every entry and tombstone under the prefix, sorted by VM id.
     pub async fn list(&self) -> Result<ListResponse, EtcdError> {
         let prefix = self.config.prefix.clone();
-        self.retrying(self.config.attempts, "list", || async {
+        let prefix = &prefix;
+        self.retrying(self.config.attempts, "list", |client| async move {
             let resp = self
                 .rpc(
-                    &prefix,
-                    self.client
+                    prefix,
+                    client
                         .kv_client()
                         .get(prefix.clone(), Some(GetOptions::new().with_prefix())),
                 )
@@ -533,8 +553,8 @@ impl EtcdClient {
         let key = self.key(vm);
         let decide = &decide;
         let key = &key;
-        self.retrying(attempts, "decide", || async move {
-            let mut kv = self.client.kv_client();
+        self.retrying(attempts, "decide", |client| async move {
+            let mut kv = client.kv_client();
             let resp = self.rpc(key, kv.get(key.clone(), None)).await?;
             let (mut stored, mut revision) = match resp.kvs().first() {
                 None => (None, 0),
@@ -597,14 +617,17 @@ impl EtcdClient {
     }
 }
 
-/// The timeouts, retries and error classification of every call.
+/// The timeouts, retries, member choice and error classification of every call.
 struct Calls<'a> {
     config: &'a EtcdConfig,
     label: &'a str,
+    members: &'a Members,
 }
 
 impl Calls<'_> {
-    /// Runs `attempt` up to `attempts` times while it fails in a retryable way.
+    /// Runs `attempt` up to `attempts` times while it fails in a retryable way, each time
+    /// on the current member's connection (made first if need be); a retryable failure
+    /// moves the next attempt to the next member.
     async fn retrying<T, F, Fut>(
         &self,
         attempts: u32,
@@ -612,7 +635,7 @@ impl Calls<'_> {
         mut attempt: F,
     ) -> Result<T, EtcdError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(etcd_client::Client) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let attempts = attempts.max(1);
@@ -623,18 +646,48 @@ impl Calls<'_> {
                 tokio::time::sleep(backoff).await;
                 backoff = backoff.saturating_mul(2);
             }
-            match attempt().await {
+            let member = self.members.current.load(Ordering::Relaxed) % self.members.conns.len();
+            let result = match self.member(member).await {
+                Ok(client) => attempt(client).await,
+                Err(e) => Err(e),
+            };
+            let why = match result {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Retry(why)) => last = why,
-            }
-            debug!(endpoints = %self.label, what, attempt = n, %last, "etcd call failed");
+                Err(Failure::Retry(why)) => why,
+            };
+            let url = &self.config.endpoints[member];
+            debug!(member = %url, what, attempt = n, %why, "etcd call failed; trying the next member");
+            last = format!("{url}: {why}");
+            // Another call may have moved on already: move only from the member that failed.
+            let next = (member + 1) % self.members.conns.len();
+            let _ = self.members.current.compare_exchange(
+                member,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
         Err(EtcdError::Unavailable {
             endpoints: self.label.to_owned(),
             attempts,
             last,
         })
+    }
+
+    /// The connection to member `i`, made (and authenticated) on first use.
+    async fn member(&self, i: usize) -> Result<etcd_client::Client, Failure> {
+        let url = &self.config.endpoints[i];
+        self.members.conns[i]
+            .get_or_try_init(|| async {
+                self.rpc(
+                    "",
+                    etcd_client::Client::connect([url], Some(self.members.options.clone())),
+                )
+                .await
+            })
+            .await
+            .cloned()
     }
 
     /// One RPC, bounded by the request timeout, its error classified.

@@ -142,6 +142,20 @@ fn claims_need_a_quorum_and_settle_when_it_returns() {
         "with one member down, two claims settled in {:?}",
         t.elapsed()
     );
+    // Every claim settles, not just the first: `a` first talked to the member now dead,
+    // and a client that kept sending to it (a balanced channel does) lost claims here.
+    let t = Instant::now();
+    for i in 0..20 {
+        let vm = format!("down-{i}");
+        let won = a
+            .test_and_set(&vm, "a", 1)
+            .unwrap_or_else(|e| panic!("claim {i} with one member down: {e}"));
+        assert_eq!(won.outcome, Outcome::Won, "claim {i}");
+    }
+    eprintln!(
+        "with one member down, 20 more claims settled in {:?}",
+        t.elapsed()
+    );
 
     cluster.kill(1);
     // Every attempt: at most 3 x 1.5 s plus backoff; allow slack for a loaded machine.
