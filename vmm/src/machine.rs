@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use logchannel::entry::{Digest, EndReason, Entry, Position};
@@ -20,56 +20,30 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootLayout};
 use crate::cpuid::{self, CpuidError};
-use crate::devices::clock::{Clock, CLOCK_BASE, CLOCK_LEN};
-use crate::devices::pic::{Chip, PicPair};
-use crate::devices::pit::Pit;
-use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::{
-    cmos::{Cmos, RtcNow},
-    PioBus,
-};
+pub use crate::devices::model::{Devices, HostClock};
+use crate::devices::serial::{SerialConsole, COM1_IRQ};
+use crate::devices::MmioBus;
 use crate::dirty::{reset_vmm_dirty, DirtyTracker, PAGE_SIZE};
 use crate::ft::Role;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::rr::{Mode, RrError};
 use crate::snapshot::{ImageId, Snapshot, SnapshotError, VcpuState};
+use crate::vcpu;
+use crate::vcpu::exit::{Exit, MmioAccess, Run};
+use crate::vcpu::stepper::{scrub_tf, At, Stepper};
 use crate::vstate::{self, KickArm, VcpuKick, VstateError};
 
 /// ISA line of the PIT's channel 0.
 pub const PIT_IRQ: u8 = 0;
 
-/// Most single steps taken towards one interrupt delivery (see `Machine::prepare_entry`).
-/// A step costs about as much as 40 instructions of guest kernel code on this project's
-/// hosts, so the budget bounds what one delivery can cost (about 10 ms); past it, the
-/// interrupt waits for the next exit at which the guest can take it.
-pub const MAX_STEPS: u64 = 500;
+pub use crate::vcpu::stepper::MAX_STEPS;
 
-/// Whether `insn` is `pushf` (with an optional operand-size or REX prefix).
 /// Quanta a run of guest kernel code may last before it is preempted (see
 /// `Machine::maybe_preempt`).
 const KERNEL_QUANTA: u32 = 10_000;
 
 /// Pages one preemption entry carries (a log entry's payload is at most 1 MiB).
 const PREEMPT_PAGES_PER_ENTRY: usize = 200;
-
-fn is_pushf(insn: &[u8; 3]) -> bool {
-    matches!(insn, [0x9c, ..] | [0x66 | 0x48, 0x9c, _])
-}
-
-/// Whether `insn` is `iret` or `iretq`.
-fn is_iret(insn: &[u8; 3]) -> bool {
-    matches!(insn, [0xcf, ..] | [0x48, 0xcf, _])
-}
-
-/// Whether `insn` is `hlt`.
-fn is_hlt(insn: &[u8; 3]) -> bool {
-    insn[0] == 0xf4
-}
-
-/// Whether `insn` is `sysret` or `sysretq`, which always return to user mode.
-fn is_sysret(insn: &[u8; 3]) -> bool {
-    matches!(insn, [0x0f, 0x07, _] | [0x48, 0x0f, 0x07])
-}
 
 /// What to boot and how.
 #[derive(Debug, Clone)]
@@ -314,199 +288,6 @@ pub struct SnapshotFigures {
     pub took: Duration,
 }
 
-/// Device ids on the port I/O bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dev {
-    Pic(Chip),
-    Elcr,
-    Pit,
-    Port61,
-    Cmos,
-    Serial,
-    Clock,
-}
-
-/// The host clock the device model reads in a live run: one monotonic clock that never
-/// stops (DESIGN.md, Determinism 5), and the wall clock derived from it, so that the RTC and
-/// the twinvm clock device tell the same time.
-#[derive(Debug, Clone, Copy)]
-pub struct HostClock {
-    start: Instant,
-    /// Monotonic nanoseconds at `start`.
-    mono_base: u64,
-    /// Wall-clock nanoseconds since the Unix epoch at `start`.
-    wall_base: u64,
-    /// In replay the clock is never read: every time-dependent answer comes from the log.
-    frozen: bool,
-}
-
-impl HostClock {
-    fn new(frozen: bool) -> Self {
-        Self::starting_at(0, frozen)
-    }
-
-    /// A clock whose monotonic time starts at `mono_ns` now (a backup going live carries on
-    /// from the last time its guest read).
-    fn starting_at(mono_ns: u64, frozen: bool) -> Self {
-        HostClock {
-            start: Instant::now(),
-            mono_base: mono_ns,
-            wall_base: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
-            frozen,
-        }
-    }
-
-    /// Nanoseconds of guest-visible monotonic time (since the machine was created); 0 when
-    /// frozen.
-    pub fn mono_ns(&self) -> u64 {
-        if self.frozen {
-            return 0;
-        }
-        self.mono_base + self.start.elapsed().as_nanos() as u64
-    }
-
-    /// Nanoseconds since the Unix epoch (wall clock); 0 when frozen.
-    pub fn wall_ns(&self) -> u64 {
-        if self.frozen {
-            return 0;
-        }
-        self.wall_base + self.start.elapsed().as_nanos() as u64
-    }
-}
-
-/// The legacy PC devices and the bus that reaches them.
-#[derive(Debug)]
-pub struct Devices {
-    bus: PioBus<Dev>,
-    /// The interrupt controllers.
-    pub pic: PicPair,
-    /// The interval timer.
-    pub pit: Pit,
-    /// The RTC and CMOS RAM.
-    pub cmos: Cmos,
-    /// The console UART.
-    pub serial: SerialConsole,
-    /// The twinvm clock (the guest's clocksource).
-    pub clock: Clock,
-}
-
-impl Devices {
-    fn new() -> Self {
-        let mut bus = PioBus::new();
-        let layout = [
-            (0x20, 2, Dev::Pic(Chip::Master)),
-            (0xa0, 2, Dev::Pic(Chip::Slave)),
-            (0x4d0, 2, Dev::Elcr),
-            (0x40, 4, Dev::Pit),
-            (0x61, 1, Dev::Port61),
-            (0x70, 2, Dev::Cmos),
-            (COM1_BASE, COM1_LEN, Dev::Serial),
-            (CLOCK_BASE, CLOCK_LEN, Dev::Clock),
-        ];
-        for (base, len, dev) in layout {
-            // The layout is fixed and has no overlaps (checked by the unit test below).
-            bus.insert(base, len, dev).expect("fixed device layout");
-        }
-        Devices {
-            bus,
-            pic: PicPair::new(),
-            pit: Pit::new(),
-            cmos: Cmos::new(),
-            serial: SerialConsole::new(),
-            clock: Clock::new(),
-        }
-    }
-
-    /// Whether a read of `port` depends on time (and so must be logged when recording).
-    pub fn is_time_dependent(&self, port: u16) -> bool {
-        match self.bus.resolve(u64::from(port)) {
-            Some((Dev::Pit, off)) => off < 3,
-            Some((Dev::Port61, _)) => true,
-            Some((Dev::Cmos, 1)) => true,
-            Some((Dev::Clock, off)) => Clock::is_time_dependent(off),
-            _ => false,
-        }
-    }
-
-    /// What the guest got from a time-dependent read of `port` (the log's value in a
-    /// replay): the clock device keeps track of the time its guest has seen.
-    fn observe_time_read(&mut self, port: u16, data: &[u8]) {
-        if let Some((Dev::Clock, off)) = self.bus.resolve(u64::from(port)) {
-            self.clock.observe(off, data);
-        }
-    }
-
-    /// The time as the RTC sees it: the host's clocks, and the guest's as it last read it.
-    fn rtc_now(&self, clock: &HostClock) -> RtcNow {
-        RtcNow {
-            wall_ns: clock.wall_ns(),
-            mono_ns: clock.mono_ns(),
-            seen_ns: self.clock.seen_ns(),
-        }
-    }
-
-    /// One byte-wide guest read of `port`. Unclaimed ports float high, as on a PC.
-    fn read_byte(&mut self, port: u16, clock: &HostClock) -> u8 {
-        match self.bus.resolve(u64::from(port)) {
-            Some((Dev::Pic(chip), off)) => self.pic.read(chip, off),
-            Some((Dev::Elcr, off)) => self.pic.read_elcr(off),
-            Some((Dev::Pit, off)) => self.pit.read(off, clock.mono_ns()),
-            Some((Dev::Port61, _)) => self.pit.read_port61(clock.mono_ns()),
-            Some((Dev::Cmos, off)) => self.cmos.read(off, self.rtc_now(clock)),
-            Some((Dev::Serial, off)) => self.serial.read(off),
-            Some((Dev::Clock, off)) => {
-                let mut b = [0u8];
-                self.clock.read(off, &mut b, clock.mono_ns());
-                b[0]
-            }
-            None => 0xff,
-        }
-    }
-
-    /// One byte-wide guest write of `port`.
-    fn write_byte(&mut self, port: u16, val: u8, clock: &HostClock) {
-        match self.bus.resolve(u64::from(port)) {
-            Some((Dev::Pic(chip), off)) => self.pic.write(chip, off, val),
-            Some((Dev::Elcr, off)) => self.pic.write_elcr(off, val),
-            Some((Dev::Pit, off)) => self.pit.write(off, val, clock.mono_ns()),
-            Some((Dev::Port61, _)) => self.pit.write_port61(val, clock.mono_ns()),
-            Some((Dev::Cmos, off)) => self.cmos.write(off, val, self.rtc_now(clock)),
-            Some((Dev::Serial, off)) => self.serial.write(off, val),
-            Some((Dev::Clock, _)) | None => {}
-        }
-    }
-
-    /// A port access of `size` bytes: the devices here are all 8 bits wide, so a wider
-    /// access reaches consecutive ports, as the ISA bus splits it.
-    fn pio(&mut self, port: u16, size: usize, is_in: bool, data: &mut [u8], clock: &HostClock) {
-        if let (true, Some((Dev::Clock, off))) = (is_in, self.bus.resolve(u64::from(port))) {
-            // The clock's registers are 32 bits wide: one access latches once.
-            for access in data.chunks_mut(size.max(1)) {
-                self.clock.read(off, access, clock.mono_ns());
-            }
-            return;
-        }
-        for access in data.chunks_mut(size.max(1)) {
-            for (i, b) in access.iter_mut().enumerate() {
-                let p = port.wrapping_add(i as u16);
-                if is_in {
-                    *b = self.read_byte(p, clock);
-                } else {
-                    self.write_byte(p, *b, clock);
-                }
-            }
-        }
-        // A UART interrupt condition (THR empty, data ready) becomes an edge on its line at
-        // the same position as the access that caused it.
-        if self.serial.take_irq() {
-            self.pic.pulse(COM1_IRQ);
-        }
-    }
-}
-
 /// A live backup's output that its primary may not have released yet (DESIGN.md: output at
 /// failover): console bytes and transmitted frames its replay produced, from the primary's
 /// last reported release point on. Going live, the backup emits all of it: output is then
@@ -600,12 +381,9 @@ pub struct Machine {
     handle: MachineHandle,
     pending_input: VecDeque<u8>,
     created: Instant,
-    /// Whether the vCPU is being single-stepped towards an interruptible instruction.
-    stepping: bool,
-    /// Steps left before giving up on the pending interrupt until an ordinary exit.
-    step_budget: u64,
-    /// The instruction being stepped is a `pushf`.
-    stepping_pushf: bool,
+    /// Single-step delivery: whether the vCPU is being stepped towards an interruptible
+    /// instruction, and the budget of the delivery under way.
+    stepper: Stepper,
     /// A running hash of every console byte the guest wrote, and their count: part of every
     /// digest, so a replay whose output strays is caught even if its memory converges.
     console_hash: u64,
@@ -615,6 +393,8 @@ pub struct Machine {
     status_written: Option<Instant>,
     /// The network card, if the command line announces one.
     nic: Option<crate::nic::Nic>,
+    /// The MMIO bus: the network card's window.
+    mmio_bus: MmioBus<MmioDev>,
     /// Decides failover; without one, losing the peer halts.
     arbiter: Option<Box<dyn Arbiter>>,
     /// Where console output goes once a backup goes live.
@@ -768,11 +548,10 @@ impl Machine {
             },
             pending_input: VecDeque::new(),
             created,
-            stepping: false,
-            step_budget: MAX_STEPS,
-            stepping_pushf: false,
+            stepper: Stepper::new(),
             console_hash: 0,
             console_bytes: 0,
+            mmio_bus: mmio_bus(nic.is_some()),
             nic,
             arbiter: None,
             live_console: None,
@@ -973,25 +752,13 @@ impl Machine {
             }
             let ran = t0.elapsed();
             self.stats.in_guest += ran;
-            let exit = match exit {
-                Ok(VcpuExit::Intr) => None,
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    match &mut self.nic {
-                        Some(n) if n.claims(addr) => {
-                            n.transport.read(addr - crate::nic::NIC_MMIO_BASE, data)
-                        }
-                        _ => data.fill(0xff),
-                    }
+            let exit = match vcpu::exit::classify(exit) {
+                Ok(Run::Kick) => None,
+                Ok(Run::Mmio(access)) => {
+                    mmio_access(&self.mmio_bus, &mut self.nic, access);
                     Some(Exit::Mmio)
                 }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    if let Some(n) = self.nic.as_mut().filter(|n| n.claims(addr)) {
-                        n.transport.write(addr - crate::nic::NIC_MMIO_BASE, data);
-                    }
-                    Some(Exit::Mmio)
-                }
-                Ok(exit) => Some(Self::classify(exit)),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Ok(Run::Exit(exit)) => Some(exit),
                 Err(source) => {
                     return Err(MachineError::Run {
                         pos: self.stats.sync_exits,
@@ -1060,10 +827,9 @@ impl Machine {
                 }
                 Exit::Step => {
                     self.stats.step_exits += 1;
-                    if std::mem::take(&mut self.stepping_pushf) {
+                    if self.stepper.stepped() {
                         self.scrub_pushed_tf()?;
                     }
-                    self.step_budget = self.step_budget.saturating_sub(1);
                     false
                 }
                 Exit::Shutdown => {
@@ -1172,9 +938,9 @@ impl Machine {
                 },
                 console_hash: self.console_hash,
                 console_bytes: self.console_bytes,
-                stepping: self.stepping,
-                step_budget: self.step_budget,
-                stepping_pushf: self.stepping_pushf,
+                stepping: self.stepper.state().0,
+                step_budget: self.stepper.state().1,
+                stepping_pushf: self.stepper.state().2,
                 pending_input: self.pending_input.iter().copied().collect(),
                 dirty_since_digest: self.dirty.since_digest(&self.mem),
                 log: self.mode.log_point(),
@@ -1273,8 +1039,7 @@ impl Machine {
         self.stats.sync_exits = v.position;
         self.console_hash = v.console_hash;
         self.console_bytes = v.console_bytes;
-        self.step_budget = v.step_budget;
-        self.stepping_pushf = v.stepping_pushf;
+        self.stepper = Stepper::restored(v.step_budget, v.stepping_pushf);
         // A replay's console input comes from the log only.
         if !self.mode.is_replay() {
             self.pending_input = v.pending_input.iter().copied().collect();
@@ -1499,21 +1264,6 @@ impl Machine {
             })?;
         nic.set_frame_sink(sink);
         Ok(writer)
-    }
-
-    /// Reduces a `VcpuExit` (which borrows the vCPU) to what the loop needs. MMIO exits are
-    /// answered by the loop itself before it gets here (the NIC's window, or all ones).
-    fn classify(exit: VcpuExit<'_>) -> Exit {
-        match exit {
-            VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => Exit::Pio,
-            VcpuExit::Hlt => Exit::Hlt,
-            VcpuExit::IrqWindowOpen => Exit::Window,
-            VcpuExit::Debug(_) => Exit::Step,
-            VcpuExit::Shutdown => Exit::Shutdown,
-            VcpuExit::InternalError => Exit::Internal,
-            VcpuExit::FailEntry(reason, _) => Exit::FailEntry(reason),
-            other => Exit::Other(format!("{other:?}")),
-        }
     }
 
     /// Writes what the UART transmitted to the console.
@@ -2031,47 +1781,40 @@ impl Machine {
             if ready {
                 vector = self.devices.pic.ack();
             } else {
-                step = self.step_budget > 0 && self.can_step()?;
+                step = self.can_step()?;
             }
         }
         self.rr(|m| m.inject(pos, vector))?;
         if let Some(v) = vector {
             vstate::inject_interrupt(&self.vcpu, v)?;
             self.stats.injected += 1;
-            if self.step_budget != MAX_STEPS {
+            let steps = self.stepper.injected();
+            if steps > 0 {
                 tracing::trace!(
-                    "vector {v:#x} injected at position {pos} after {} single steps",
-                    MAX_STEPS - self.step_budget
+                    "vector {v:#x} injected at position {pos} after {steps} single steps"
                 );
             }
-            self.step_budget = MAX_STEPS;
         }
         self.set_stepping(step)
     }
 
-    /// Whether the next guest instruction may be single-stepped: the guest is in kernel mode
-    /// and the instruction does not return to user mode.
+    /// Whether to single-step the next guest instruction towards a pending interrupt: the
+    /// [`Stepper`] decides from the privilege level, the bytes at RIP and, for an `iret`,
+    /// the frame it would pop.
     fn can_step(&mut self) -> Result<bool, MachineError> {
+        if self.stepper.budget_left() == 0 {
+            return Ok(false);
+        }
         let sregs = self.vcpu.get_sregs().map_err(|source| VstateError::Ioctl {
             what: "read special registers",
             source,
         })?;
-        if sregs.cs.selector & 3 != 0 {
-            return Ok(false);
-        }
-        let Some(insn) = self.next_insn()? else {
-            return Ok(false);
-        };
-        // A `hlt` (Linux's idle: `sti; hlt`, stepped to within the `sti` shadow) exits by
-        // itself, with interrupts enabled: the interrupt is injected at that exit. Stepping
-        // it instead was seen to leave a stale exit on this project's software KVM: after the
-        // injection at the HLT exit, the next `KVM_RUN` returned after one instruction of the
-        // interrupt handler, reporting HLT again, with interrupts off (read as a power-off).
-        if is_hlt(&insn) || is_sysret(&insn) || (is_iret(&insn) && self.iret_goes_to_user()?) {
-            return Ok(false);
-        }
-        self.stepping_pushf = is_pushf(&insn);
-        Ok(true)
+        let cpl = (sregs.cs.selector & 3) as u8;
+        let insn = if cpl == 0 { self.next_insn()? } else { None };
+        let at = At { cpl, insn };
+        let (vcpu, mem) = (&self.vcpu, &self.mem);
+        let verdict = self.stepper.decide(at, || iret_goes_to_user(vcpu, mem))?;
+        Ok(verdict.is_ok())
     }
 
     /// The guest's general registers.
@@ -2087,20 +1830,7 @@ impl Machine {
 
     /// The guest physical address of guest virtual address `gva`, if it is mapped.
     fn guest_phys(&self, gva: u64) -> Option<GuestAddress> {
-        match self.vcpu.translate_gva(gva) {
-            Ok(t) if t.valid != 0 => Some(GuestAddress(t.physical_address)),
-            _ => None,
-        }
-    }
-
-    /// Whether the `iret` about to run returns to user mode: the CS it pops (at RSP + 8) has
-    /// a non-zero privilege level. When the frame cannot be read, assume it does.
-    fn iret_goes_to_user(&self) -> Result<bool, MachineError> {
-        let rsp = self.regs()?.rsp;
-        Ok(self
-            .guest_phys(rsp.wrapping_add(8))
-            .and_then(|a| self.mem.read_obj::<u64>(a).ok())
-            .is_none_or(|cs| cs & 3 != 0))
+        guest_phys(&self.vcpu, gva)
     }
 
     /// Reads the first bytes of the instruction at the guest's RIP (kernel mode only).
@@ -2117,20 +1847,18 @@ impl Machine {
     /// to step, and `pushf` would otherwise hand it to the guest, which would later restore
     /// it with `popf` and take a debug trap of its own.
     fn scrub_pushed_tf(&mut self) -> Result<(), MachineError> {
-        const RFLAGS_TF: u64 = 1 << 8;
         let rsp = self.regs()?.rsp;
         if let Some(addr) = self.guest_phys(rsp) {
-            if let Ok(flags) = self.mem.read_obj::<u64>(addr) {
-                if flags & RFLAGS_TF != 0 {
-                    let _ = self.mem.write_obj(flags & !RFLAGS_TF, addr);
-                }
+            if let Some(scrubbed) = self.mem.read_obj::<u64>(addr).ok().and_then(scrub_tf) {
+                let _ = self.mem.write_obj(scrubbed, addr);
             }
         }
         Ok(())
     }
 
+    /// Turns KVM's single-stepping on or off, if that changes it.
     fn set_stepping(&mut self, on: bool) -> Result<(), MachineError> {
-        if on == self.stepping {
+        if on == self.stepper.is_on() {
             return Ok(());
         }
         let dbg = kvm_bindings::kvm_guest_debug {
@@ -2147,8 +1875,8 @@ impl Machine {
                 what: "set single-step",
                 source,
             })?;
-        self.stepping = on;
-        if on {
+        let (_, episode) = self.stepper.set_on(on);
+        if episode {
             self.stats.step_episodes += 1;
         }
         Ok(())
@@ -2355,81 +2083,63 @@ fn fpu_digest_bytes(f: &kvm_bindings::kvm_fpu, user_mode: bool) -> Vec<u8> {
     out
 }
 
-/// A VM exit reduced to what the loop acts on.
-#[derive(Debug)]
-enum Exit {
-    Pio,
-    Mmio,
-    Hlt,
-    Window,
-    Step,
-    Shutdown,
-    Internal,
-    FailEntry(u64),
-    Other(String),
+/// The guest physical address of guest virtual address `gva`, if it is mapped.
+fn guest_phys(vcpu: &VcpuFd, gva: u64) -> Option<GuestAddress> {
+    match vcpu.translate_gva(gva) {
+        Ok(t) if t.valid != 0 => Some(GuestAddress(t.physical_address)),
+        _ => None,
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Whether the `iret` about to run returns to user mode: the CS it pops (at RSP + 8) has a
+/// non-zero privilege level. When the frame cannot be read, assume it does.
+fn iret_goes_to_user(vcpu: &VcpuFd, mem: &GuestMemory) -> Result<bool, MachineError> {
+    let rsp = vcpu
+        .get_regs()
+        .map_err(|source| VstateError::Ioctl {
+            what: "read registers",
+            source,
+        })?
+        .rsp;
+    Ok(guest_phys(vcpu, rsp.wrapping_add(8))
+        .and_then(|a| mem.read_obj::<u64>(a).ok())
+        .is_none_or(|cs| cs & 3 != 0))
+}
 
-    #[test]
-    fn instruction_classes() {
-        assert!(is_iret(&[0x48, 0xcf, 0x90]));
-        assert!(is_iret(&[0xcf, 0x00, 0x00]));
-        assert!(is_sysret(&[0x48, 0x0f, 0x07]));
-        assert!(is_sysret(&[0x0f, 0x07, 0x90]));
-        assert!(!is_sysret(&[0x0f, 0x05, 0x90]), "syscall is not sysret");
-        assert!(is_pushf(&[0x9c, 0x58, 0x90]));
-        assert!(is_pushf(&[0x66, 0x9c, 0x90]));
-        assert!(!is_pushf(&[0x9d, 0x90, 0x90]), "popf is not pushf");
-        assert!(is_hlt(&[0xf4, 0x00, 0x00]));
-        assert!(!is_hlt(&[0xfb, 0xf4, 0x00]), "sti is not hlt");
+/// Device ids on the MMIO bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MmioDev {
+    /// The virtio-mmio network card.
+    Nic,
+}
+
+/// The MMIO bus of a machine: the network card's window, if it has one.
+fn mmio_bus(nic: bool) -> MmioBus<MmioDev> {
+    let mut bus = MmioBus::new();
+    if nic {
+        // One fixed window on an empty bus: cannot overlap.
+        bus.insert(
+            crate::nic::NIC_MMIO_BASE,
+            crate::nic::NIC_MMIO_LEN,
+            MmioDev::Nic,
+        )
+        .expect("fixed MMIO layout");
     }
+    bus
+}
 
-    #[test]
-    fn device_layout_is_consistent() {
-        let d = Devices::new();
-        assert!(d.is_time_dependent(0x40));
-        assert!(d.is_time_dependent(0x42));
-        assert!(!d.is_time_dependent(0x43));
-        assert!(d.is_time_dependent(0x61));
-        assert!(d.is_time_dependent(0x71));
-        assert!(!d.is_time_dependent(0x70));
-        assert!(!d.is_time_dependent(0x3f8));
-        assert!(!d.is_time_dependent(0x20));
-    }
-
-    #[test]
-    fn wide_access_splits_into_ports_and_unclaimed_ports_float_high() {
-        let mut d = Devices::new();
-        let clock = HostClock::new(false);
-        let mut data = [0u8; 2];
-        // A 16-bit read at 0x20 reads IRR (0x20) and IMR (0x21).
-        d.pic.write(Chip::Master, 1, 0x5a);
-        d.pio(0x20, 2, true, &mut data, &clock);
-        assert_eq!(data, [0x00, 0x5a]);
-        let mut data = [0u8; 4];
-        d.pio(0x1234, 4, true, &mut data, &clock);
-        assert_eq!(data, [0xff; 4]);
-    }
-
-    #[test]
-    fn serial_interrupt_becomes_a_pic_edge() {
-        let mut d = Devices::new();
-        let clock = HostClock::new(false);
-        // Program the PIC as Linux does, then enable THRE interrupts on the UART.
-        for (port, val) in [
-            (0x20u16, 0x11u8),
-            (0x21, 0x30),
-            (0x21, 4),
-            (0x21, 1),
-            (0x21, 0),
-        ] {
-            d.pio(port, 1, false, &mut [val], &clock);
+/// Completes an MMIO access through the bus: the device at its address answers; a read of
+/// an address no device claims returns all ones (an empty bus floats high), a write to one
+/// is dropped. (A free function: the access borrows the vCPU's run structure.)
+fn mmio_access(bus: &MmioBus<MmioDev>, nic: &mut Option<crate::nic::Nic>, access: MmioAccess<'_>) {
+    match (bus.resolve(access.addr()), nic.as_mut(), access) {
+        (Some((MmioDev::Nic, offset)), Some(n), MmioAccess::Read { data, .. }) => {
+            n.transport.read(offset, data)
         }
-        d.pio(0x3f9, 1, false, &mut [0x02], &clock);
-        assert!(d.pic.has_interrupt());
-        assert_eq!(d.pic.ack(), Some(0x34));
+        (Some((MmioDev::Nic, offset)), Some(n), MmioAccess::Write { data, .. }) => {
+            n.transport.write(offset, data)
+        }
+        (_, _, MmioAccess::Read { data, .. }) => data.fill(0xff),
+        (_, _, MmioAccess::Write { .. }) => {}
     }
 }

@@ -20,6 +20,8 @@ use crate::tap::{Tap, TapError};
 
 /// Guest physical address of the NIC's virtio-mmio window (above RAM, below 4 GiB).
 pub const NIC_MMIO_BASE: u64 = 0xd000_0000;
+/// Length of the card's MMIO window (the virtio-mmio register block).
+pub const NIC_MMIO_LEN: u64 = MMIO_LEN;
 /// ISA interrupt line of the NIC (free on a PC without a second parallel port).
 pub const NIC_IRQ: u8 = 5;
 /// MAC address used when the command line names none (a locally administered address).
@@ -205,7 +207,7 @@ impl Nic {
 
     /// Whether `addr` is in the card's MMIO window.
     pub fn claims(&self, addr: u64) -> bool {
-        (NIC_MMIO_BASE..NIC_MMIO_BASE + MMIO_LEN).contains(&addr)
+        (NIC_MMIO_BASE..NIC_MMIO_BASE + NIC_MMIO_LEN).contains(&addr)
     }
 
     /// Hands what the guest transmitted to the frame sink.

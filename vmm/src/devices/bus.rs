@@ -1,4 +1,6 @@
 //! An I/O bus: device ids inserted at `(base, length)` ranges, resolved to (id, offset).
+//! The same bus serves port I/O ([`PioBus`]: ports) and MMIO ([`MmioBus`]: guest physical
+//! addresses).
 
 use std::collections::BTreeMap;
 
@@ -6,7 +8,7 @@ use std::collections::BTreeMap;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     /// The new range overlaps one already inserted.
-    #[error("port range {base:#x}+{len:#x} overlaps an existing device")]
+    #[error("range {base:#x}+{len:#x} overlaps an existing device")]
     Overlap {
         /// Base of the rejected range.
         base: u64,
@@ -14,27 +16,33 @@ pub enum BusError {
         len: u64,
     },
     /// A zero-length range.
-    #[error("port range at {0:#x} has zero length")]
+    #[error("range at {0:#x} has zero length")]
     ZeroLength(u64),
 }
 
 /// Maps address ranges to device ids of type `Id`. The devices themselves are owned by the
 /// machine, which dispatches on the id; this keeps the bus free of shared ownership.
 #[derive(Debug)]
-pub struct PioBus<Id: Copy> {
+pub struct Bus<Id: Copy> {
     /// base -> (length, device)
     ranges: BTreeMap<u64, (u64, Id)>,
 }
 
-impl<Id: Copy> Default for PioBus<Id> {
+/// The port I/O bus: ports to devices.
+pub type PioBus<Id> = Bus<Id>;
+
+/// The MMIO bus: guest physical addresses to devices.
+pub type MmioBus<Id> = Bus<Id>;
+
+impl<Id: Copy> Default for Bus<Id> {
     fn default() -> Self {
-        PioBus {
+        Bus {
             ranges: BTreeMap::new(),
         }
     }
 }
 
-impl<Id: Copy> PioBus<Id> {
+impl<Id: Copy> Bus<Id> {
     /// An empty bus.
     pub fn new() -> Self {
         Self::default()
