@@ -74,6 +74,7 @@ pub fn spawn_stdin_forwarder(handle: MachineHandle) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            crate::hostcpu::unpin_current_thread();
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 1024];
             loop {

@@ -13,6 +13,8 @@
 //! [`probe_cpuid_trap`] finds out at start-up which case applies, by running a few
 //! instructions of guest *user* code that execute `CPUID` in a throw-away VM.
 
+use std::sync::OnceLock;
+
 use kvm_bindings::{kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
 use logchannel::entry::{cpuid_diff, CpuidLeaf};
@@ -312,8 +314,51 @@ fn read_fingerprint() -> Vec<CpuidLeaf> {
     out
 }
 
-/// Pins the calling thread to host CPU `cpu`.
+/// The CPUs the process could run on before a thread of it was first pinned.
+static UNPINNED: OnceLock<CpuMask> = OnceLock::new();
+
+/// A `cpu_set_t`, as plain data that may be shared between threads.
+#[derive(Clone, Copy)]
+struct CpuMask(libc::cpu_set_t);
+
+/// The calling thread's CPU set.
+fn current_mask() -> Option<CpuMask> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most
+    // `size_of::<cpu_set_t>()` bytes into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+            .then_some(CpuMask(set))
+    }
+}
+
+/// Gives the calling thread the CPUs the process had before its vCPU thread was pinned
+/// (nothing if it never was). For the VMM's other threads (signals, console input, the
+/// preemption watchdog, the TAP watcher, the output releaser, the peer watcher): spawned by
+/// the pinned vCPU thread they would inherit its one CPU and compete with the guest there,
+/// so that a watchdog could not kick a guest that holds the CPU. Best effort: a failure
+/// leaves the thread where it is.
+pub fn unpin_current_thread() {
+    if let Some(CpuMask(set)) = UNPINNED.get() {
+        // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of `set`, a
+        // plain-data set filled by sched_getaffinity.
+        let ret =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+        if ret != 0 {
+            tracing::debug!(
+                "cannot unpin a helper thread: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Pins the calling thread to host CPU `cpu`. The CPUs it had before are remembered for
+/// [`unpin_current_thread`].
 pub fn pin_current_thread(cpu: usize) -> Result<(), HostCpuError> {
+    if let Some(before) = current_mask() {
+        UNPINNED.get_or_init(|| before);
+    }
     // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it (CPU_SET
     // ignores a CPU beyond the set's size), and sched_setaffinity reads
     // `size_of::<cpu_set_t>()` bytes of it.
@@ -470,6 +515,28 @@ pub fn for_replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread spawned by a pinned thread inherits its one CPU; unpinned, it gets the CPUs
+    /// the process had.
+    #[test]
+    fn helper_threads_of_a_pinned_thread_are_unpinned() {
+        let all = allowed_cpus();
+        let cpu = *all.last().unwrap();
+        let (inherited, unpinned) = std::thread::spawn(move || {
+            pin_current_thread(cpu).unwrap();
+            std::thread::spawn(|| {
+                let inherited = allowed_cpus();
+                unpin_current_thread();
+                (inherited, allowed_cpus())
+            })
+            .join()
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inherited, vec![cpu]);
+        assert_eq!(unpinned, all);
+    }
 
     #[test]
     fn fingerprint_is_stable_on_one_cpu_and_names_differences() {

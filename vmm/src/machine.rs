@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::boot::{self, BootError, BootLayout};
 use crate::cpuid::{self, CpuidError};
 pub use crate::devices::model::{Devices, HostClock};
-use crate::devices::serial::{SerialConsole, COM1_IRQ};
+use crate::devices::serial::SerialConsole;
 use crate::devices::MmioBus;
 use crate::dirty::{reset_vmm_dirty, DirtyTracker, PAGE_SIZE};
 use crate::ft::Role;
@@ -781,94 +781,109 @@ impl Machine {
             };
             self.stats.sync_exits += 1;
             self.since_exit = Instant::now();
-            let halted = match exit {
-                Exit::Pio => {
-                    self.stats.pio_exits += 1;
-                    let (port, is_in) = {
-                        let pio = vstate::pio_exit(&mut self.vcpu);
-                        (pio.port, pio.is_in)
-                    };
-                    if is_in && self.devices.is_time_dependent(port) && self.mode.is_replay() {
-                        // A live backup learns here if its primary is gone, before the
-                        // device answers from a clock that has not started yet.
-                        let pos = self.stats.sync_exits;
-                        self.rr(|m| m.prefetch(pos))?;
-                    }
-                    let pio = vstate::pio_exit(&mut self.vcpu);
-                    self.devices
-                        .pio(pio.port, pio.size, pio.is_in, pio.data, &self.clock);
-                    if pio.is_in && self.devices.is_time_dependent(pio.port) {
-                        // The answer goes through the log (a lost peer settles failover
-                        // first, like every other hook), then back into the exit's data.
-                        let port = pio.port;
-                        let mut data = pio.data.to_vec();
-                        let pos = self.stats.sync_exits;
-                        self.rr(|m| m.time_read(pos, port, &mut data))?;
-                        vstate::pio_exit(&mut self.vcpu).data.copy_from_slice(&data);
-                        self.devices.observe_time_read(port, &data);
-                    }
-                    false
-                }
-                Exit::Mmio => {
-                    self.stats.mmio_exits += 1;
-                    false
-                }
-                Exit::Hlt => {
-                    self.stats.hlt_exits += 1;
-                    if self.vcpu.get_kvm_run().if_flag == 0 {
-                        self.flush_console();
-                        return Ok(RunOutcome::PowerOff);
-                    }
-                    true
-                }
-                Exit::Window => {
-                    self.stats.window_exits += 1;
-                    false
-                }
-                Exit::Step => {
-                    self.stats.step_exits += 1;
-                    if self.stepper.stepped() {
-                        self.scrub_pushed_tf()?;
-                    }
-                    false
-                }
-                Exit::Shutdown => {
-                    self.flush_console();
-                    return Ok(RunOutcome::Reset);
-                }
-                Exit::Internal => {
-                    self.flush_console();
-                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
-                    // active member of the run structure's union.
-                    let suberror =
-                        unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(MachineError::Internal {
-                        suberror,
-                        rip,
-                        pos: self.stats.sync_exits,
-                    });
-                }
-                Exit::FailEntry(reason) => return Err(MachineError::FailEntry(reason)),
-                Exit::Other(what) => {
-                    return Err(MachineError::UnexpectedExit {
-                        what,
-                        pos: self.stats.sync_exits,
-                    })
-                }
+            let halted = match self.on_exit(exit)? {
+                AfterExit::Go { halted } => halted,
+                AfterExit::End(outcome) => return Ok(outcome),
             };
             self.flush_console();
             if let Some(nic) = &mut self.nic {
-                // Frames the guest sent, and the card's interrupt, at this position.
+                // Frames the guest sent at this position.
                 nic.flush_tx();
-                if nic.transport.take_irq() {
-                    self.devices.pic.pulse(crate::nic::NIC_IRQ);
-                }
             }
+            self.devices.raise_lines(self.nic.as_mut());
             if let Some(outcome) = self.delivery_point(halted)? {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// Handles one synchronous exit: one handler per kind, each doing what the instruction
+    /// asked of the machine. Returns whether the guest halted, or how the run ends.
+    fn on_exit(&mut self, exit: Exit) -> Result<AfterExit, MachineError> {
+        match exit {
+            Exit::Pio => {
+                self.stats.pio_exits += 1;
+                self.on_pio()?;
+                Ok(AfterExit::Go { halted: false })
+            }
+            Exit::Mmio => {
+                // Completed by the MMIO bus when the exit was classified.
+                self.stats.mmio_exits += 1;
+                Ok(AfterExit::Go { halted: false })
+            }
+            Exit::Hlt => {
+                self.stats.hlt_exits += 1;
+                if self.vcpu.get_kvm_run().if_flag == 0 {
+                    // `hlt` with interrupts off: nothing can wake the guest (Linux's
+                    // power-off without ACPI).
+                    self.flush_console();
+                    return Ok(AfterExit::End(RunOutcome::PowerOff));
+                }
+                Ok(AfterExit::Go { halted: true })
+            }
+            Exit::Window => {
+                self.stats.window_exits += 1;
+                Ok(AfterExit::Go { halted: false })
+            }
+            Exit::Step => {
+                self.stats.step_exits += 1;
+                if self.stepper.stepped() {
+                    self.scrub_pushed_tf()?;
+                }
+                Ok(AfterExit::Go { halted: false })
+            }
+            Exit::Shutdown => {
+                self.flush_console();
+                Ok(AfterExit::End(RunOutcome::Reset))
+            }
+            Exit::Internal => {
+                self.flush_console();
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                // active member of the run structure's union.
+                let suberror =
+                    unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                Err(MachineError::Internal {
+                    suberror,
+                    rip,
+                    pos: self.stats.sync_exits,
+                })
+            }
+            Exit::FailEntry(reason) => Err(MachineError::FailEntry(reason)),
+            Exit::Other(what) => Err(MachineError::UnexpectedExit {
+                what,
+                pos: self.stats.sync_exits,
+            }),
+        }
+    }
+
+    /// A port access: the device on the port bus answers; a time-dependent read goes
+    /// through the log (recorded, or answered from it in a replay).
+    fn on_pio(&mut self) -> Result<(), MachineError> {
+        let (port, is_in) = {
+            let pio = vstate::pio_exit(&mut self.vcpu);
+            (pio.port, pio.is_in)
+        };
+        if is_in && self.devices.is_time_dependent(port) && self.mode.is_replay() {
+            // A live backup learns here if its primary is gone, before the device answers
+            // from a clock that has not started yet.
+            let pos = self.stats.sync_exits;
+            self.rr(|m| m.prefetch(pos))?;
+        }
+        let pio = vstate::pio_exit(&mut self.vcpu);
+        self.devices
+            .pio(pio.port, pio.size, pio.is_in, pio.data, &self.clock);
+        if pio.is_in && self.devices.is_time_dependent(pio.port) {
+            // The answer goes through the log (a lost peer settles failover first, like
+            // every other hook), then back into the exit's data.
+            let port = pio.port;
+            let mut data = pio.data.to_vec();
+            let pos = self.stats.sync_exits;
+            self.rr(|m| m.time_read(pos, port, &mut data))?;
+            vstate::pio_exit(&mut self.vcpu).data.copy_from_slice(&data);
+            self.devices.observe_time_read(port, &data);
+        }
+        Ok(())
     }
 
     /// Lets KVM finish the instruction of the last exit (an `in`'s value into RAX and RIP
@@ -1238,11 +1253,7 @@ impl Machine {
                 Err(e) => tracing::warn!("received frame of {} bytes dropped: {e}", frame.len()),
             }
         }
-        if let Some(nic) = &mut self.nic {
-            if nic.transport.take_irq() {
-                self.devices.pic.pulse(crate::nic::NIC_IRQ);
-            }
-        }
+        self.devices.raise_lines(self.nic.as_mut());
         Ok(())
     }
 
@@ -1417,9 +1428,7 @@ impl Machine {
                     let taken: Vec<u8> = self.pending_input.drain(..n).collect();
                     self.rr(|m| m.console_in(pos, &taken))?;
                 }
-                if self.devices.serial.take_irq() {
-                    self.devices.pic.pulse(COM1_IRQ);
-                }
+                self.devices.raise_lines(self.nic.as_mut());
             }
             self.deliver_frames(pos)?;
             if !halted || self.devices.pic.has_interrupt() {
@@ -1677,11 +1686,7 @@ impl Machine {
                     }
                     .into());
                 }
-                if let Some(nic) = &mut self.nic {
-                    if nic.transport.take_irq() {
-                        self.devices.pic.pulse(crate::nic::NIC_IRQ);
-                    }
-                }
+                self.devices.raise_lines(self.nic.as_mut());
             }
             Entry::ConsoleIn { bytes, .. } => {
                 let n = self.devices.serial.enqueue_input(&bytes);
@@ -1696,9 +1701,7 @@ impl Machine {
                     }
                     .into());
                 }
-                if self.devices.serial.take_irq() {
-                    self.devices.pic.pulse(COM1_IRQ);
-                }
+                self.devices.raise_lines(self.nic.as_mut());
             }
             other => {
                 return Err(RrError::Divergence {
@@ -2104,6 +2107,18 @@ fn iret_goes_to_user(vcpu: &VcpuFd, mem: &GuestMemory) -> Result<bool, MachineEr
     Ok(guest_phys(vcpu, rsp.wrapping_add(8))
         .and_then(|a| mem.read_obj::<u64>(a).ok())
         .is_none_or(|cs| cs & 3 != 0))
+}
+
+/// What the loop does after a synchronous exit.
+#[derive(Debug)]
+enum AfterExit {
+    /// On to the delivery point; `halted` if the guest executed `hlt` with interrupts on.
+    Go {
+        /// The guest halted.
+        halted: bool,
+    },
+    /// The run ends.
+    End(RunOutcome),
 }
 
 /// Device ids on the MMIO bus.

@@ -841,6 +841,7 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
             std::thread::Builder::new()
                 .name("peer-watch".into())
                 .spawn(move || {
+                    vmm::hostcpu::unpin_current_thread();
                     while !done.load(std::sync::atomic::Ordering::Acquire) {
                         if watched
                             .wait_failure(std::time::Duration::from_millis(250))

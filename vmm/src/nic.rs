@@ -337,6 +337,7 @@ impl Nic {
         std::thread::Builder::new()
             .name("tap-watch".into())
             .spawn(move || loop {
+                crate::hostcpu::unpin_current_thread();
                 let mut p = libc::pollfd {
                     fd,
                     events: libc::POLLIN,

@@ -34,6 +34,7 @@ impl Watchdog {
         let thread = std::thread::Builder::new()
             .name("twinvm-preempt".into())
             .spawn(move || {
+                crate::hostcpu::unpin_current_thread();
                 let mut last = 0;
                 while !s.quit.load(Ordering::Acquire) {
                     std::thread::park_timeout(quantum);

@@ -14,6 +14,7 @@ pub fn spawn_stop_on_signals(handle: MachineHandle) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            crate::hostcpu::unpin_current_thread();
             let mut pending = signals.forever();
             let Some(first) = pending.next() else {
                 return;
@@ -33,6 +34,7 @@ pub fn spawn_snapshot_on_sigusr1(handle: MachineHandle) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("sigusr1".into())
         .spawn(move || {
+            crate::hostcpu::unpin_current_thread();
             for _ in signals.forever() {
                 handle.send(HostEvent::Snapshot);
             }

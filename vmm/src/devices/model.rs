@@ -205,8 +205,22 @@ impl Devices {
         }
         // A UART interrupt condition (THR empty, data ready) becomes an edge on its line at
         // the same position as the access that caused it.
+        self.raise_lines(None);
+    }
+
+    /// Turns the devices' interrupt conditions into edges on their PIC lines: the UART's,
+    /// and the network card's if there is one. The one place where device lines reach the
+    /// PIC, called at the position of whatever caused the condition (an access, an input
+    /// put into a FIFO or ring); the timer's tick, a logged input, is raised by the delivery
+    /// point, and a replay raises logged lines itself.
+    pub(crate) fn raise_lines(&mut self, nic: Option<&mut crate::nic::Nic>) {
         if self.serial.take_irq() {
             self.pic.pulse(COM1_IRQ);
+        }
+        if let Some(n) = nic {
+            if n.transport.take_irq() {
+                self.pic.pulse(crate::nic::NIC_IRQ);
+            }
         }
     }
 }

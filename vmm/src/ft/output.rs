@@ -151,6 +151,7 @@ pub fn spawn_output_releaser(
     decision: SharedDecision,
 ) -> std::thread::JoinHandle<OutputDelays> {
     std::thread::spawn(move || {
+        crate::hostcpu::unpin_current_thread();
         let mut out = std::io::stdout();
         let mut stats = OutputDelays::default();
         // The TAP writer comes once the machine (which opens the TAP) exists.
