@@ -31,6 +31,21 @@ impl Position {
     pub fn next(self) -> Position {
         Position(self.0 + 1)
     }
+
+    /// How many positions `earlier` is behind this one (0 if it is not behind).
+    pub fn since(self, earlier: Position) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// The position `n` synchronous exits earlier (at least [`Position::ZERO`]).
+    pub fn back(self, n: u64) -> Position {
+        Position(self.0.saturating_sub(n))
+    }
+
+    /// Whether this position is a multiple of `interval` (never for an interval of 0).
+    pub fn is_multiple_of(self, interval: u64) -> bool {
+        interval != 0 && self.0 % interval == 0
+    }
 }
 
 impl From<u64> for Position {

@@ -93,7 +93,7 @@ pub struct VmConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRequest {
     /// The position of the delivery point.
-    pub pos: u64,
+    pub pos: Position,
     /// The file to write.
     pub path: PathBuf,
 }
@@ -627,8 +627,8 @@ impl Machine {
     }
 
     /// The current position: synchronous exits so far.
-    pub fn position(&self) -> u64 {
-        self.stats.sync_exits
+    pub fn position(&self) -> Position {
+        Position(self.stats.sync_exits)
     }
 
     /// The record/replay mode (for its counters).
@@ -671,7 +671,7 @@ impl Machine {
                 "log_entry": entry,
                 "what": what,
             }));
-            if self.mode.report_divergence(*at, what) {
+            if self.mode.report_divergence(Position(*at), what) {
                 eprintln!("twinvm: told the primary that this backup diverged at position {at}");
             }
         }
@@ -867,7 +867,7 @@ impl Machine {
         if is_in && self.devices.is_time_dependent(port) && self.mode.is_replay() {
             // A live backup learns here if its primary is gone, before the device answers
             // from a clock that has not started yet.
-            let pos = self.stats.sync_exits;
+            let pos = self.position();
             self.rr(|m| m.prefetch(pos))?;
         }
         let pio = vstate::pio_exit(&mut self.vcpu);
@@ -878,7 +878,7 @@ impl Machine {
             // every other hook), then back into the exit's data.
             let port = pio.port;
             let mut data = pio.data.to_vec();
-            let pos = self.stats.sync_exits;
+            let pos = self.position();
             self.rr(|m| m.time_read(pos, port, &mut data))?;
             vstate::pio_exit(&mut self.vcpu).data.copy_from_slice(&data);
             self.devices.observe_time_read(port, &data);
@@ -903,10 +903,13 @@ impl Machine {
         match r {
             Ok(None) => Ok(()),
             Err(e) if e.errno() == libc::EINTR => Ok(()),
-            Err(source) => Err(MachineError::Run { pos, source }),
+            Err(source) => Err(MachineError::Run {
+                pos: pos.get(),
+                source,
+            }),
             Ok(Some(what)) => Err(MachineError::UnexpectedExit {
                 what: format!("{what} while completing the last exit's I/O"),
-                pos,
+                pos: pos.get(),
             }),
         }
     }
@@ -916,7 +919,7 @@ impl Machine {
     /// exit's I/O, and reads the dirty log into the pages the next digest carries.
     pub fn snapshot_state(
         &mut self,
-        pos: u64,
+        pos: Position,
         halted: bool,
     ) -> Result<crate::snapshot::SnapshotState, MachineError> {
         use crate::snapshot::{DeviceState, SnapshotState, VcpuState, VmmState};
@@ -944,7 +947,7 @@ impl Machine {
                 nic: self.nic.as_ref().map(|n| n.transport.state()),
             },
             vmm: VmmState {
-                position: pos,
+                position: pos.get(),
                 halted,
                 mono_ns: if self.mode.is_replay() {
                     self.devices.clock.seen_ns()
@@ -989,7 +992,12 @@ impl Machine {
     }
 
     /// Writes a snapshot of the machine at this delivery point to `path`.
-    fn take_snapshot(&mut self, pos: u64, halted: bool, path: &Path) -> Result<(), MachineError> {
+    fn take_snapshot(
+        &mut self,
+        pos: Position,
+        halted: bool,
+        path: &Path,
+    ) -> Result<(), MachineError> {
         let t0 = Instant::now();
         let state = self.snapshot_state(pos, halted)?;
         let w = crate::snapshot::write(path, &state, &self.mem)?;
@@ -1144,12 +1152,16 @@ impl Machine {
             Err(NotWon::Interrupted) => return Err(RrError::Interrupted.into()),
             Err(NotWon::Halted(what)) => {
                 self.set_role(Role::Halted);
-                return Err(MachineError::Halted { pos, reason, what });
+                return Err(MachineError::Halted {
+                    pos: pos.get(),
+                    reason,
+                    what,
+                });
             }
             Err(NotWon::Refused { what, why }) => {
                 self.set_role(Role::Halted);
                 return Err(MachineError::ArbiterRefused {
-                    pos,
+                    pos: pos.get(),
                     reason,
                     what,
                     why,
@@ -1231,7 +1243,7 @@ impl Machine {
     }
 
     /// Gives the guest the frames its card has room for (live and recording).
-    fn deliver_frames(&mut self, pos: u64) -> Result<(), MachineError> {
+    fn deliver_frames(&mut self, pos: Position) -> Result<(), MachineError> {
         let Some(nic) = &mut self.nic else {
             return Ok(());
         };
@@ -1338,7 +1350,7 @@ impl Machine {
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
-        if self.corrupt_at == Some(pos) {
+        if self.corrupt_at == Some(pos.get()) {
             self.corrupt_guest_memory(pos);
         }
         self.mode.progress(pos);
@@ -1368,7 +1380,7 @@ impl Machine {
         if logged || (taken && !self.mode.is_replay()) {
             self.reset_mmu()?;
         }
-        if self.digest_interval > 0 && pos > 0 && pos % self.digest_interval == 0 {
+        if pos > Position::ZERO && pos.is_multiple_of(self.digest_interval) {
             self.digest_now(pos)?;
         }
         let stop = self.handle.stop.clone();
@@ -1387,7 +1399,7 @@ impl Machine {
     /// or applied there).
     fn deliver(
         &mut self,
-        pos: u64,
+        pos: Position,
         halted: bool,
         ready: Option<bool>,
     ) -> Result<Option<RunOutcome>, MachineError> {
@@ -1508,7 +1520,7 @@ impl Machine {
             .get_sregs()
             .map(|s| s.cs.selector & 3 == 3)
             .map_err(|e| MachineError::Preempt {
-                pos,
+                pos: pos.get(),
                 what: format!("reading special registers: {e}"),
             })?;
         if !user && self.since_exit.elapsed() < quantum * KERNEL_QUANTA {
@@ -1516,7 +1528,10 @@ impl Machine {
         }
         let t0 = Instant::now();
         let ready = if self.mode.is_recording() {
-            let err = |what: String| MachineError::Preempt { pos, what };
+            let err = |what: String| MachineError::Preempt {
+                pos: pos.get(),
+                what,
+            };
             let state = VcpuState::save(&self.kvm, &self.vcpu).map_err(|e| err(e.to_string()))?;
             self.dirty.collect(&self.vm, &self.mem).map_err(err)?;
             let mut pages = Vec::new();
@@ -1534,16 +1549,12 @@ impl Machine {
             while pages.len() > PREEMPT_PAGES_PER_ENTRY {
                 let rest = pages.split_off(PREEMPT_PAGES_PER_ENTRY);
                 let entry = Entry::PreemptPages {
-                    pos: Position(pos),
+                    pos,
                     pages: std::mem::replace(&mut pages, rest),
                 };
                 self.rr(|m| m.preempt(&entry))?;
             }
-            let entry = Entry::Preempt {
-                pos: Position(pos),
-                vcpu,
-                pages,
-            };
+            let entry = Entry::Preempt { pos, vcpu, pages };
             self.rr(|m| m.preempt(&entry))?;
             state.interruptible()
         } else {
@@ -1561,7 +1572,10 @@ impl Machine {
         let pos = self.position();
         while let Some(entry) = self.rr(|m| m.next_preempt(pos))? {
             let t0 = Instant::now();
-            let err = |what: String| MachineError::Preempt { pos, what };
+            let err = |what: String| MachineError::Preempt {
+                pos: pos.get(),
+                what,
+            };
             let (vcpu, pages) = match entry {
                 Entry::Preempt { vcpu, pages, .. } => (Some(vcpu), pages),
                 Entry::PreemptPages { pages, .. } => (None, pages),
@@ -1616,14 +1630,14 @@ impl Machine {
 
     /// Rewrites the status file, if one is configured (atomically: a new file renamed over
     /// the old one).
-    fn write_status_now(&mut self, pos: u64, state: &str) {
+    fn write_status_now(&mut self, pos: Position, state: &str) {
         let Some(path) = &self.status_file else {
             return;
         };
         let mut v = serde_json::Map::new();
         v.insert("role".into(), self.role.as_str().into());
         v.insert("state".into(), state.into());
-        v.insert("position".into(), pos.into());
+        v.insert("position".into(), pos.get().into());
         v.insert("injected".into(), self.stats.injected.into());
         v.insert("console_bytes".into(), self.console_bytes.into());
         if let Some(d) = &self.divergence {
@@ -1639,7 +1653,7 @@ impl Machine {
         self.status_written = Some(Instant::now());
     }
 
-    fn write_status(&mut self, pos: u64) {
+    fn write_status(&mut self, pos: Position) {
         if self.status_file.is_some()
             && self
                 .status_written
@@ -1652,7 +1666,7 @@ impl Machine {
     /// Test only ([`VmConfig::corrupt_at`]): flips the low bit of one byte of guest memory
     /// at 0x1000 (a page Linux leaves alone after boot), through vm-memory, so that the VMM's
     /// dirty bitmap puts the page in the next digest.
-    fn corrupt_guest_memory(&mut self, pos: u64) {
+    fn corrupt_guest_memory(&mut self, pos: Position) {
         let at = GuestAddress(0x1000);
         if let Ok(b) = self.mem.read_obj::<u8>(at) {
             let _ = self.mem.write_obj(b ^ 1, at);
@@ -1664,7 +1678,7 @@ impl Machine {
     }
 
     /// Applies an asynchronous input the log has at `pos`, exactly as the recording did.
-    fn apply_logged_input(&mut self, pos: u64, e: Entry) -> Result<(), MachineError> {
+    fn apply_logged_input(&mut self, pos: Position, e: Entry) -> Result<(), MachineError> {
         match e {
             Entry::IrqLine { line, .. } if line < 16 => self.devices.pic.pulse(line),
             Entry::NetRx { frame, .. } => {
@@ -1677,7 +1691,7 @@ impl Machine {
                 };
                 if !delivered {
                     return Err(RrError::Divergence {
-                        pos,
+                        pos: pos.get(),
                         entry: self.replay_index(),
                         what: format!(
                             "the guest's card could not take a logged {}-byte frame: its receive ring is not in the recorded state",
@@ -1692,7 +1706,7 @@ impl Machine {
                 let n = self.devices.serial.enqueue_input(&bytes);
                 if n != bytes.len() {
                     return Err(RrError::Divergence {
-                        pos,
+                        pos: pos.get(),
                         entry: self.replay_index(),
                         what: format!(
                             "the UART took {n} of {} logged input bytes: its receive FIFO is not in the recorded state",
@@ -1705,7 +1719,7 @@ impl Machine {
             }
             other => {
                 return Err(RrError::Divergence {
-                    pos,
+                    pos: pos.get(),
                     entry: self.replay_index(),
                     what: format!("unexpected {}", crate::rr::describe(&other)),
                 }
@@ -1723,7 +1737,7 @@ impl Machine {
     }
 
     /// Takes a state digest at `pos` (recording), or checks the logged one (replay).
-    fn digest_now(&mut self, pos: u64) -> Result<(), MachineError> {
+    fn digest_now(&mut self, pos: Position) -> Result<(), MachineError> {
         let t0 = Instant::now();
         // Output not yet taken from the UART counts as written.
         self.flush_console();
@@ -1736,7 +1750,7 @@ impl Machine {
         let mut pages = 0u64;
         let trail = &mut self.trail;
         let r = self.mode.digest(pos, |recorded| {
-            let keep = trail.as_ref().is_some_and(|t| t.wants(pos));
+            let keep = trail.as_ref().is_some_and(|t| t.wants(pos.get()));
             let sel = DigestPages {
                 tracker,
                 recorded,
@@ -1776,7 +1790,7 @@ impl Machine {
     /// counts); it is not used. Single-stepping stops short of an instruction that returns to
     /// user mode (where this host delivers the step's #DB to the guest instead), and after
     /// [`MAX_STEPS`] steps; the interrupt then waits for the next ordinary exit.
-    fn prepare_entry(&mut self, pos: u64, ready: Option<bool>) -> Result<(), MachineError> {
+    fn prepare_entry(&mut self, pos: Position, ready: Option<bool>) -> Result<(), MachineError> {
         let mut vector = None;
         let mut step = false;
         if self.devices.pic.has_interrupt() {
@@ -1928,7 +1942,7 @@ pub fn state_digest(
     vm: &VmFd,
     mem: &GuestMemory,
     sel: DigestPages<'_>,
-    pos: u64,
+    pos: Position,
     extra: &[(&str, u64)],
     keep: bool,
 ) -> Result<(Digest, Option<crate::trail::Snapshot>), RrError> {
@@ -2018,7 +2032,7 @@ pub fn state_digest(
         }
     }
     let snap = keep.then(|| crate::trail::Snapshot {
-        pos,
+        pos: pos.get(),
         cpl: (s.cs.selector & 3) as u8,
         regs: regs.iter().cloned().collect(),
         fpu: crate::trail::fpu_fields(&f),
@@ -2027,7 +2041,7 @@ pub fn state_digest(
     });
     Ok((
         Digest {
-            pos: Position(pos),
+            pos,
             regs,
             fpu_hash,
             pages,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use logchannel::entry::LogHeader;
+use logchannel::entry::{LogHeader, Position};
 use vmm::console::{spawn_stdin_forwarder, TerminalGuard};
 use vmm::ft::output::{spawn_output_releaser, Decision, HeldOutput, SharedDecision};
 use vmm::ft::Role;
@@ -455,11 +455,11 @@ impl SnapshotArgs {
         let [pos, path] = v.as_slice() else {
             bail!("--snapshot-at takes a position and a file");
         };
-        let pos = pos
+        let pos: u64 = pos
             .parse()
             .with_context(|| format!("--snapshot-at: {pos:?} is not a position (a number)"))?;
         Ok(Some(SnapshotRequest {
-            pos,
+            pos: Position(pos),
             path: PathBuf::from(path),
         }))
     }
@@ -999,7 +999,7 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<RunOutcome> {
                 .is_some_and(|p| p.header_sha256 == header.sha256()) =>
         {
             let point = snap.state.vmm.log.expect("checked");
-            replayer.skip_to(point.entries, snap.state.vmm.position)?;
+            replayer.skip_to(point.entries, Position(snap.state.vmm.position))?;
             eprintln!(
                 "twinvm: replaying from the snapshot's position {} (log entry {})",
                 snap.state.vmm.position, point.entries

@@ -107,7 +107,7 @@ pub struct LagLimit {
 #[derive(Debug)]
 struct Rate {
     since: Instant,
-    at: u64,
+    at: Position,
     per_sec: f64,
 }
 
@@ -115,16 +115,16 @@ impl Rate {
     fn new() -> Self {
         Rate {
             since: Instant::now(),
-            at: 0,
+            at: Position::ZERO,
             per_sec: 0.0,
         }
     }
 
     /// Folds in that the primary is at `pos` now; excludes time it was held back.
-    fn update(&mut self, pos: u64) {
+    fn update(&mut self, pos: Position) {
         let dt = self.since.elapsed();
         if dt >= Duration::from_secs(1) {
-            let now = pos.saturating_sub(self.at) as f64 / dt.as_secs_f64();
+            let now = pos.since(self.at) as f64 / dt.as_secs_f64();
             self.per_sec = if self.per_sec == 0.0 {
                 now
             } else {
@@ -136,7 +136,7 @@ impl Rate {
     }
 
     /// Restarts the measurement at `pos` (after the primary was held back).
-    fn restart(&mut self, pos: u64) {
+    fn restart(&mut self, pos: Position) {
         self.since = Instant::now();
         self.at = pos;
     }
@@ -173,7 +173,7 @@ pub struct Replayer {
     source: Source,
     stop: Option<Arc<AtomicBool>>,
     /// Position of the last entry received.
-    pub last_received_pos: u64,
+    pub last_received_pos: Position,
     /// The next entry, read ahead.
     next: Option<Entry>,
     /// Index of `next` in the log.
@@ -182,7 +182,7 @@ pub struct Replayer {
     /// Digests compared so far (all matched, or the replay would have stopped).
     pub digests_matched: u64,
     /// The position of the last snapshot entry taken.
-    snapshot_seen: Option<u64>,
+    snapshot_seen: Option<Position>,
 }
 
 /// Where the machine's non-deterministic inputs come from.
@@ -239,7 +239,7 @@ impl Recorder {
     /// bound, holds the guest back (returns early if `stop` is raised). Before waiting for
     /// the replay it logs a `Heartbeat` at `pos`, so that the backup can replay right up to
     /// here (a replay waits at the last entry it has for the next one).
-    pub fn throttle(&mut self, pos: u64, stop: &AtomicBool) -> Result<(), RrError> {
+    pub fn throttle(&mut self, pos: Position, stop: &AtomicBool) -> Result<(), RrError> {
         let (Sink::Net(s), Some(lag)) = (&self.sink, self.lag) else {
             return Ok(());
         };
@@ -265,13 +265,13 @@ impl Recorder {
                 lag.replay_positions,
             )
         };
-        let replayed = s.acked().replayed.get();
-        if pos.saturating_sub(replayed) <= bound {
+        let replayed = s.acked().replayed;
+        if pos.since(replayed) <= bound {
             return Ok(());
         }
         let t0 = Instant::now();
-        self.append(&Entry::Heartbeat { pos: Position(pos) })?;
-        let target = Position(pos.saturating_sub(bound / 2));
+        self.append(&Entry::Heartbeat { pos })?;
+        let target = pos.back(bound / 2);
         while !stop.load(Ordering::Acquire)
             && !s.wait_replayed(target, Duration::from_millis(50))?
         {}
@@ -324,7 +324,7 @@ impl Replayer {
         Replayer {
             source,
             stop: None,
-            last_received_pos: 0,
+            last_received_pos: Position::ZERO,
             next: None,
             index: 0,
             eof: false,
@@ -359,13 +359,13 @@ impl Replayer {
     /// Starts the replay after the first `entries` entries of the log, the point where the
     /// snapshot it resumes from was taken (at position `pos`): they are read and checked
     /// to lie at or before `pos`, and the entry after them must not.
-    pub fn skip_to(&mut self, entries: u64, pos: u64) -> Result<(), RrError> {
+    pub fn skip_to(&mut self, entries: u64, pos: Position) -> Result<(), RrError> {
         while self.index < entries {
             self.fill(pos)?;
             let e = self.take();
-            if e.pos().get() > pos {
+            if e.pos() > pos {
                 return Err(RrError::Divergence {
-                    pos,
+                    pos: pos.get(),
                     entry: self.index - 1,
                     what: format!(
                         "the snapshot was taken at position {pos} after {entries} log entries, but entry {} is at position {}: it was not taken in this recording",
@@ -379,7 +379,7 @@ impl Replayer {
     }
 
     /// Reads ahead the next entry (blocking on a live stream).
-    pub fn fill(&mut self, pos: u64) -> Result<(), RrError> {
+    pub fn fill(&mut self, pos: Position) -> Result<(), RrError> {
         let mut waited = false;
         if self.next.is_none() && !self.eof {
             match &mut self.source {
@@ -412,10 +412,10 @@ impl Replayer {
                             reason: EndReason::Error(msg),
                             pos: at,
                         })) => {
-                            self.last_received_pos = at.get();
+                            self.last_received_pos = at;
                             self.index += 1;
                             return Err(RrError::PeerLost {
-                                pos,
+                                pos: pos.get(),
                                 reason: format!(
                                     "the primary's VMM failed at position {}: {msg}",
                                     at.get()
@@ -423,7 +423,7 @@ impl Replayer {
                             });
                         }
                         Ok(Some(e)) => {
-                            self.last_received_pos = e.pos().get();
+                            self.last_received_pos = e.pos();
                             self.next = Some(e);
                             break;
                         }
@@ -437,7 +437,7 @@ impl Replayer {
                         // without an End (it died), gone silent, or damaged.
                         Err(e) => {
                             return Err(RrError::PeerLost {
-                                pos,
+                                pos: pos.get(),
                                 reason: e.to_string(),
                             })
                         }
@@ -448,7 +448,7 @@ impl Replayer {
         if self.next.is_none() {
             return Err(RrError::NoEnd {
                 entries: self.index,
-                pos,
+                pos: pos.get(),
             });
         }
         Ok(())
@@ -456,12 +456,12 @@ impl Replayer {
 
     /// The next entry if it is at `pos`. An entry at an earlier position was skipped over:
     /// that is a divergence.
-    pub fn peek_at(&mut self, pos: u64) -> Result<Option<&Entry>, RrError> {
+    pub fn peek_at(&mut self, pos: Position) -> Result<Option<&Entry>, RrError> {
         self.fill(pos)?;
         // A primary's mark of progress (see `Recorder::throttle`) lets the replay run up to
         // its position without waiting for the next real entry; there it is passed over.
         while let Some(Entry::Heartbeat { pos: at }) = self.next {
-            if at.get() > pos {
+            if at > pos {
                 return Ok(None);
             }
             self.take();
@@ -469,9 +469,9 @@ impl Replayer {
         }
         let e = self.next.as_ref().expect("filled");
         let at = e.pos().get();
-        if at < pos {
+        if at < pos.get() {
             return Err(RrError::Divergence {
-                pos,
+                pos: pos.get(),
                 entry: self.index,
                 what: format!(
                     "the log has {} at position {at}, which the replay passed without it",
@@ -479,7 +479,7 @@ impl Replayer {
                 ),
             });
         }
-        Ok((at == pos).then_some(e))
+        Ok((at == pos.get()).then_some(e))
     }
 
     /// Takes the entry `peek_at` returned.
@@ -488,16 +488,16 @@ impl Replayer {
         self.next.take().expect("take after a successful peek")
     }
 
-    fn diverged(&self, pos: u64, what: String) -> RrError {
+    fn diverged(&self, pos: Position, what: String) -> RrError {
         RrError::Divergence {
-            pos,
+            pos: pos.get(),
             entry: self.index,
             what,
         }
     }
 
     /// The next entry, which must be at `pos`: `what` says what the replay expected.
-    fn expect_at(&mut self, pos: u64, what: &str) -> Result<Entry, RrError> {
+    fn expect_at(&mut self, pos: Position, what: &str) -> Result<Entry, RrError> {
         match self.peek_at(pos)? {
             Some(_) => Ok(self.take()),
             None => {
@@ -561,24 +561,21 @@ impl Mode {
     }
 
     /// A snapshot with this SHA-256 was taken at the delivery point `pos`: recorded.
-    pub fn snapshot_taken(&mut self, pos: u64, sha256: [u8; 32]) -> Result<(), RrError> {
+    pub fn snapshot_taken(&mut self, pos: Position, sha256: [u8; 32]) -> Result<(), RrError> {
         match self {
-            Mode::Record(r) => r.append(&Entry::Snapshot {
-                pos: Position(pos),
-                sha256,
-            }),
+            Mode::Record(r) => r.append(&Entry::Snapshot { pos, sha256 }),
             _ => Ok(()),
         }
     }
 
     /// Whether the replayed log recorded a snapshot at `pos` (its entry already taken).
-    pub fn snapshot_logged_at(&self, pos: u64) -> bool {
+    pub fn snapshot_logged_at(&self, pos: Position) -> bool {
         matches!(self, Mode::Replay(r) if r.snapshot_seen == Some(pos))
     }
 
     /// In a replay, whether the recording took a snapshot at the delivery point `pos` (the
     /// entry is taken): the replay resets its memory mappings there as the recording did.
-    pub fn snapshot_here(&mut self, pos: u64) -> Result<Option<[u8; 32]>, RrError> {
+    pub fn snapshot_here(&mut self, pos: Position) -> Result<Option<[u8; 32]>, RrError> {
         let Mode::Replay(r) = self else {
             return Ok(None);
         };
@@ -619,7 +616,7 @@ impl Mode {
     }
 
     /// In replay, the preemption point (or a part of its pages) logged at `pos` next, if any.
-    pub fn next_preempt(&mut self, pos: u64) -> Result<Option<Entry>, RrError> {
+    pub fn next_preempt(&mut self, pos: Position) -> Result<Option<Entry>, RrError> {
         let Mode::Replay(r) = self else {
             return Ok(None);
         };
@@ -640,7 +637,7 @@ impl Mode {
 
     /// In a live replay, waits until the entry needed at `pos` is there (or the stream has
     /// ended), so that a loss of the primary is noticed before the machine acts.
-    pub fn prefetch(&mut self, pos: u64) -> Result<(), RrError> {
+    pub fn prefetch(&mut self, pos: Position) -> Result<(), RrError> {
         match self {
             Mode::Replay(r) if r.is_live() => r.fill(pos),
             _ => Ok(()),
@@ -685,7 +682,7 @@ impl Mode {
             Mode::Replay(r) => json!({
                 "entries_replayed": r.index,
                 "digests_matched": r.digests_matched,
-                "last_received_pos": r.last_received_pos,
+                "last_received_pos": r.last_received_pos.get(),
             }),
         };
         match v {
@@ -733,22 +730,20 @@ impl Mode {
     }
 
     /// The machine has reached `pos`: a live backup tells its primary in the next ack.
-    pub fn progress(&self, pos: u64) {
+    pub fn progress(&self, pos: Position) {
         if let Mode::Replay(r) = self {
             if let Source::Net(rx) = &r.source {
-                rx.set_replayed(Position(pos));
+                rx.set_replayed(pos);
             }
         }
     }
 
     /// A live backup whose replay diverged tells its primary (waiting at most a second for
     /// the message to be written); `false` if it is not a live backup or could not tell.
-    pub fn report_divergence(&self, pos: u64, what: &str) -> bool {
+    pub fn report_divergence(&self, pos: Position, what: &str) -> bool {
         match self {
             Mode::Replay(r) => match &r.source {
-                Source::Net(rx) => {
-                    rx.report_divergence(Position(pos), what, Duration::from_secs(1))
-                }
+                Source::Net(rx) => rx.report_divergence(pos, what, Duration::from_secs(1)),
                 Source::File(_) => false,
             },
             _ => false,
@@ -756,7 +751,7 @@ impl Mode {
     }
 
     /// Flow control of a live primary at `pos` (see [`Recorder::throttle`]).
-    pub fn throttle(&mut self, pos: u64, stop: &AtomicBool) -> Result<(), RrError> {
+    pub fn throttle(&mut self, pos: Position, stop: &AtomicBool) -> Result<(), RrError> {
         match self {
             Mode::Record(r) => r.throttle(pos, stop),
             _ => Ok(()),
@@ -770,11 +765,11 @@ impl Mode {
 
     /// A guest read of a time-dependent port at `pos`: `data` holds the device model's live
     /// answer; recorded, or replaced by the recorded one.
-    pub fn time_read(&mut self, pos: u64, port: u16, data: &mut [u8]) -> Result<(), RrError> {
+    pub fn time_read(&mut self, pos: Position, port: u16, data: &mut [u8]) -> Result<(), RrError> {
         match self {
             Mode::Live => Ok(()),
             Mode::Record(r) => r.append(&Entry::PioIn {
-                pos: Position(pos),
+                pos,
                 port,
                 data: data.to_vec(),
             }),
@@ -788,7 +783,7 @@ impl Mode {
                         Ok(())
                     }
                     other => Err(RrError::Divergence {
-                        pos,
+                        pos: pos.get(),
                         entry: r.index - 1,
                         what: format!(
                             "the guest read port {port:#x} ({} bytes) where the log has {}",
@@ -805,7 +800,7 @@ impl Mode {
     /// only where the log has one, so `take` is called lazily.
     pub fn digest(
         &mut self,
-        pos: u64,
+        pos: Position,
         take: impl FnOnce(Option<&[u64]>) -> Result<Digest, RrError>,
     ) -> Result<(), RrError> {
         match self {
@@ -819,7 +814,7 @@ impl Mode {
                     Entry::Digest(d) => d,
                     other => {
                         return Err(RrError::Divergence {
-                            pos,
+                            pos: pos.get(),
                             entry: r.index - 1,
                             what: format!(
                                 "the replay takes a state digest here, where the log has {}",
@@ -836,7 +831,7 @@ impl Mode {
                     Ok(())
                 } else {
                     Err(RrError::Divergence {
-                        pos,
+                        pos: pos.get(),
                         entry: r.index - 1,
                         what: diff.to_string(),
                     })
@@ -846,21 +841,18 @@ impl Mode {
     }
 
     /// Records that asynchronous source `line` was raised at `pos` (record only).
-    pub fn irq_line(&mut self, pos: u64, line: u8) -> Result<(), RrError> {
+    pub fn irq_line(&mut self, pos: Position, line: u8) -> Result<(), RrError> {
         match self {
-            Mode::Record(r) => r.append(&Entry::IrqLine {
-                pos: Position(pos),
-                line,
-            }),
+            Mode::Record(r) => r.append(&Entry::IrqLine { pos, line }),
             _ => Ok(()),
         }
     }
 
     /// Records console input put into the UART at `pos` (record only).
-    pub fn console_in(&mut self, pos: u64, bytes: &[u8]) -> Result<(), RrError> {
+    pub fn console_in(&mut self, pos: Position, bytes: &[u8]) -> Result<(), RrError> {
         match self {
             Mode::Record(r) => r.append(&Entry::ConsoleIn {
-                pos: Position(pos),
+                pos,
                 bytes: bytes.to_vec(),
             }),
             _ => Ok(()),
@@ -868,10 +860,10 @@ impl Mode {
     }
 
     /// Records a frame delivered to the guest's card at `pos` (record only).
-    pub fn net_rx(&mut self, pos: u64, frame: &[u8]) -> Result<(), RrError> {
+    pub fn net_rx(&mut self, pos: Position, frame: &[u8]) -> Result<(), RrError> {
         match self {
             Mode::Record(r) => r.append(&Entry::NetRx {
-                pos: Position(pos),
+                pos,
                 frame: frame.to_vec(),
             }),
             _ => Ok(()),
@@ -880,7 +872,7 @@ impl Mode {
 
     /// In replay, the next asynchronous input logged at `pos`, if any (`IrqLine`,
     /// `ConsoleIn` or `NetRx`).
-    pub fn next_async(&mut self, pos: u64) -> Result<Option<Entry>, RrError> {
+    pub fn next_async(&mut self, pos: Position) -> Result<Option<Entry>, RrError> {
         let Mode::Replay(r) = self else {
             return Ok(None);
         };
@@ -894,14 +886,11 @@ impl Mode {
 
     /// The PIC's vector that the loop is about to inject at `pos` (or `None` if it injects
     /// nothing): recorded, or checked against the log.
-    pub fn inject(&mut self, pos: u64, vector: Option<u8>) -> Result<(), RrError> {
+    pub fn inject(&mut self, pos: Position, vector: Option<u8>) -> Result<(), RrError> {
         match self {
             Mode::Live => Ok(()),
             Mode::Record(r) => match vector {
-                Some(v) => r.append(&Entry::Inject {
-                    pos: Position(pos),
-                    vector: v,
-                }),
+                Some(v) => r.append(&Entry::Inject { pos, vector: v }),
                 None => Ok(()),
             },
             Mode::Replay(r) => {
@@ -932,7 +921,7 @@ impl Mode {
     }
 
     /// In replay, whether the log ends here with the operator's stop.
-    pub fn stopped_here(&mut self, pos: u64) -> Result<bool, RrError> {
+    pub fn stopped_here(&mut self, pos: Position) -> Result<bool, RrError> {
         let Mode::Replay(r) = self else {
             return Ok(false);
         };
@@ -949,19 +938,16 @@ impl Mode {
     }
 
     /// The run ended at `pos` for `reason`: recorded, or checked against the log.
-    pub fn end(&mut self, pos: u64, reason: EndReason) -> Result<(), RrError> {
+    pub fn end(&mut self, pos: Position, reason: EndReason) -> Result<(), RrError> {
         match self {
             Mode::Live => Ok(()),
-            Mode::Record(r) => r.append(&Entry::End {
-                pos: Position(pos),
-                reason,
-            }),
+            Mode::Record(r) => r.append(&Entry::End { pos, reason }),
             Mode::Replay(r) => {
                 let e = r.expect_at(pos, &format!("the end of the run ({reason:?})"))?;
                 match e {
                     Entry::End { reason: logged, .. } if logged == reason => Ok(()),
                     other => Err(RrError::Divergence {
-                        pos,
+                        pos: pos.get(),
                         entry: r.index - 1,
                         what: format!(
                             "the replayed guest ended ({reason:?}) where the log has {}",
@@ -1007,17 +993,17 @@ mod tests {
         let log = log_with(&[irq(5), irq(20), snap, irq(20), irq(30)]);
         let mut mode = Mode::Replay(Box::new(Replayer::open(&log).unwrap()));
         if let Mode::Replay(r) = &mut mode {
-            r.skip_to(2, 20).unwrap();
+            r.skip_to(2, Position(20)).unwrap();
             assert_eq!(r.consumed(), 2);
         }
         // The snapshot entry comes first at its delivery point, then the rest there.
-        assert_eq!(mode.snapshot_here(20).unwrap(), Some([3; 32]));
-        assert!(mode.snapshot_logged_at(20));
-        assert_eq!(mode.snapshot_here(20).unwrap(), None);
+        assert_eq!(mode.snapshot_here(Position(20)).unwrap(), Some([3; 32]));
+        assert!(mode.snapshot_logged_at(Position(20)));
+        assert_eq!(mode.snapshot_here(Position(20)).unwrap(), None);
 
         // A point that claims fewer positions than its entries have is not of this log.
         let mut r = Replayer::open(&log).unwrap();
-        match r.skip_to(2, 10) {
+        match r.skip_to(2, Position(10)) {
             Err(RrError::Divergence { what, .. }) => {
                 assert!(what.contains("not taken in this recording"), "{what}")
             }
