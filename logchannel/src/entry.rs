@@ -620,6 +620,23 @@ impl Digest {
 mod tests {
     use super::*;
 
+    #[test]
+    fn position_arithmetic_saturates_and_intervals_of_zero_never_match() {
+        let p = Position(2000);
+        assert_eq!(p.since(Position(500)), 1500);
+        assert_eq!(Position(500).since(p), 0, "a later position is not behind");
+        assert_eq!(p.back(500), Position(1500));
+        assert_eq!(p.back(5000), Position::ZERO);
+        assert!(p.is_multiple_of(1000));
+        assert!(!p.is_multiple_of(3000));
+        assert!(
+            !p.is_multiple_of(0),
+            "digest interval 0: none but the final one"
+        );
+        assert_eq!(p.next(), Position(2001));
+        assert_eq!(p.to_string(), "@2000");
+    }
+
     fn digest(pos: u64, rip: u64, pages: Vec<(u64, u64)>) -> Digest {
         Digest {
             pos: Position(pos),
