@@ -19,4 +19,5 @@ pub mod signals;
 pub mod snapshot;
 pub mod tap;
 pub mod trail;
+pub mod transfer;
 pub mod vstate;
