@@ -507,3 +507,157 @@ pub fn receive(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use logchannel::transport::LogListener;
+
+    const GUARD: Duration = Duration::from_secs(10);
+
+    fn header() -> LogHeader {
+        LogHeader::new([1; 32], [2; 32], "console=ttyS0", 64, 2000, "vm-t")
+    }
+
+    /// A live side (`send` on its sender) and a joining backup's [`receive`], over a real
+    /// loopback channel.
+    fn transfer(send: impl FnOnce(LogSender) + Send + 'static) -> Result<Received, TransferError> {
+        let config = ChannelConfig {
+            heartbeat_interval: Duration::from_millis(100),
+            peer_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(5),
+        };
+        let l = LogListener::bind("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let addr = l.local_addr();
+        let live = std::thread::spawn(move || {
+            send(LogSender::connect(addr, header(), config).unwrap());
+        });
+        let ours = header();
+        let mut rx = l.accept_timeout(|h| ours.check_matches(h), GUARD).unwrap();
+        let r = receive(&mut rx, Duration::from_secs(3), &AtomicBool::new(false));
+        live.join().unwrap();
+        r
+    }
+
+    fn page(b: u8) -> Vec<u8> {
+        vec![b; crate::dirty::PAGE_SIZE as usize]
+    }
+
+    fn read_page(mem: &GuestMemory, gfn: u64) -> Vec<u8> {
+        let mut p = page(0);
+        mem.read_slice(&mut p, GuestAddress(gfn * crate::dirty::PAGE_SIZE))
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn pre_copied_pages_under_the_last_round_give_the_live_sides_memory() {
+        // Round 0 sent pages 7, 8 and 9; then 8 changed and 9 went back to zero, and the stop
+        // carries exactly those two (a zero page included).
+        let mem = crate::snapshot::tests::memory(64);
+        mem.write_slice(&page(0xbb), GuestAddress(8 * 4096))
+            .unwrap();
+        let last = [8u64, 9];
+        let (bytes, w) = crate::snapshot::encode(
+            &crate::snapshot::tests::state(64),
+            &mem,
+            crate::snapshot::Pages::Only(&last),
+        )
+        .unwrap();
+        assert_eq!(w.pages_stored, 2);
+        let got = transfer(move |tx| {
+            tx.send(&Entry::TransferPages {
+                pos: Position(1000),
+                round: 0,
+                pages: vec![(7, page(0x77)), (8, page(0x88)), (9, page(0x99))],
+            })
+            .unwrap();
+            send_state(&tx, 1234, 5, &bytes).unwrap();
+            tx.close().unwrap();
+        })
+        .unwrap();
+        assert_eq!(got.generation, 5);
+        assert_eq!(got.pages, 3);
+        assert_eq!(got.snapshot.state.vmm.position, 1234);
+        let fresh = crate::memory::create_guest_memory(64).unwrap();
+        got.snapshot.write_memory(&fresh).unwrap();
+        assert_eq!(
+            read_page(&fresh, 7),
+            page(0x77),
+            "pre-copied, unchanged since"
+        );
+        assert_eq!(read_page(&fresh, 8), page(0xbb), "the last round wins");
+        assert_eq!(read_page(&fresh, 9), page(0), "zero again at the stop");
+        assert_eq!(read_page(&fresh, 10), page(0), "never sent");
+    }
+
+    #[test]
+    fn a_live_side_that_vanishes_mid_state_is_an_error() {
+        let (bytes, _) = crate::snapshot::encode(
+            &crate::snapshot::tests::state(64),
+            &crate::snapshot::tests::memory(64),
+            crate::snapshot::Pages::NonZero,
+        )
+        .unwrap();
+        let err = transfer(move |tx| {
+            // The first piece of a bigger state, then the channel is gone.
+            tx.send(&Entry::TransferState {
+                pos: Position(1234),
+                generation: 2,
+                offset: 0,
+                total: bytes.len() as u64 + STATE_CHUNK as u64,
+                bytes: bytes[..100].to_vec(),
+            })
+            .unwrap();
+            drop(tx);
+        })
+        .err()
+        .expect("a half state must not start a machine");
+        assert!(
+            matches!(err, TransferError::Channel(_) | TransferError::Timeout(..)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn garbage_in_a_transfer_is_named() {
+        let err = transfer(|tx| {
+            tx.send(&Entry::Heartbeat { pos: Position(3) }).unwrap();
+            let _ = tx.close();
+        })
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string()
+                .contains("expected pages or the state, got a heartbeat"),
+            "{err}"
+        );
+        let err = transfer(|tx| {
+            for offset in [0, 20] {
+                tx.send(&Entry::TransferState {
+                    pos: Position(3),
+                    generation: 2,
+                    offset,
+                    total: 40,
+                    bytes: vec![0; 10],
+                })
+                .unwrap();
+            }
+            let _ = tx.close();
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, TransferError::Inconsistent(m) if m.contains("offset 20")),
+            "{err}"
+        );
+        // A complete state that is no snapshot (or a truncated one).
+        let err = transfer(|tx| {
+            send_state(&tx, 3, 2, b"TWINVMSS\x02\x00garbage").unwrap();
+            let _ = tx.close();
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, TransferError::Snapshot(_)), "{err}");
+    }
+}

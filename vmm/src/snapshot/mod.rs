@@ -722,4 +722,4 @@ impl Snapshot {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
