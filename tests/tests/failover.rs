@@ -587,17 +587,48 @@ fn chained_failovers_with_a_new_backup_joining_each_time() {
             );
             stranger.signal(libc::SIGKILL);
             stranger.wait_exit(Duration::from_secs(30));
-        }
-        let mut joiner = spawn(
-            dead,
-            args(
-                &["backup", "--join", "--listen", &listen[dead]],
+            // A joining backup that vanishes mid-transfer (after 1000 pages): the live side
+            // lets it go, claims the generation it had opened for it, and goes on alone.
+            let mut vanisher = spawn(
                 dead,
-                &secret,
-            ),
-        );
+                args(
+                    &[
+                        "backup",
+                        "--join",
+                        "--listen",
+                        &listen[dead],
+                        "--test-vanish-after-pages",
+                        "1000",
+                    ],
+                    dead,
+                    &secret,
+                ),
+            );
+            let st = vanisher.wait_exit(Duration::from_secs(300));
+            assert_eq!(st.code(), Some(1), "{}", vanisher.stderr());
+            backup.wait_for_stderr("re-protect failed", Duration::from_secs(60));
+            backup.wait_for_stderr("re-protect: won generation", Duration::from_secs(60));
+            more(&mut session, "vanished", 3);
+            assert!(backup.exited().is_none(), "{}", backup.stderr());
+        }
+        // The backup that joins in round 1 re-protects with stop-and-copy in round 2 (the
+        // whole machine at one delivery point); the others with pre-copy rounds.
+        let mut role = vec!["backup", "--join", "--listen", &listen[dead]];
+        if round == 1 {
+            role.extend(["--reprotect-rounds", "0"]);
+        }
+        let mut joiner = spawn(dead, args(&role, dead, &secret));
         let line = backup.wait_for_stderr("re-protected at position", Duration::from_secs(300));
         eprintln!("round {round}: re-protected at position{line}");
+        if round == 2 {
+            assert!(line.contains("pages per round ["), "{line}");
+            assert!(!line.contains("round [0, "), "{line}");
+            let rounds = line.split("pages per round [").nth(1).unwrap_or_default();
+            assert!(
+                !rounds.split(']').next().unwrap_or_default().contains(','),
+                "stop-and-copy is one round: {line}"
+            );
+        }
         joiner.wait_for_stderr("joined the live side at position", Duration::from_secs(60));
         more(&mut session, &format!("reprotected{round}"), 3);
         let g = arbiter_entry(&client, &arbiter)["generation"]

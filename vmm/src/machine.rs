@@ -256,6 +256,9 @@ pub enum HostEvent {
     /// A new backup accepted this live side's handshake: re-protect (see
     /// [`crate::transfer`]).
     BackupJoined(crate::transfer::Joined),
+    /// A pre-copy round of a re-protect has sent its pages: a halted guest's loop takes
+    /// the next step.
+    TransferRound,
 }
 
 /// Counters of one run, for benchmarks and the closing log line.
@@ -666,6 +669,9 @@ pub struct Machine {
     joining: Option<Joining>,
     /// The output rule a re-protected side started for itself.
     output_rule: Option<crate::transfer::OutputRule>,
+    /// A halted guest's wait at a delivery point ended for a re-protect step: the delivery
+    /// point is done again from its start (nothing of it has reached a log yet).
+    redo_delivery: bool,
 }
 
 /// A re-protect under way: the channel to the new backup, the generation opened for it,
@@ -833,6 +839,7 @@ impl Machine {
             joined: None,
             joining: None,
             output_rule: None,
+            redo_delivery: false,
         };
         if let Some(snap) = &cfg.restore {
             machine.restore_from(snap)?;
@@ -1411,8 +1418,15 @@ impl Machine {
         let Some(j) = &mut self.joining else {
             return Ok(());
         };
-        match crate::transfer::Round::start(j.sender.clone(), self.mem.clone(), pos, rounds, dirty)
-        {
+        let wake = self.handle.clone();
+        match crate::transfer::Round::start(
+            j.sender.clone(),
+            self.mem.clone(),
+            pos,
+            rounds,
+            dirty,
+            move || wake.send(HostEvent::TransferRound),
+        ) {
             Ok(r) => j.round = Some(r),
             Err(e) => return self.abandon_reprotect(&format!("starting a pre-copy round: {e}")),
         }
@@ -1464,12 +1478,14 @@ impl Machine {
         };
         if cfg.max_rounds > 0 {
             let npages: u64 = self.mem.iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE;
+            let wake = self.handle.clone();
             match crate::transfer::Round::start(
                 joining.sender.clone(),
                 self.mem.clone(),
                 pos,
                 0,
                 (0..npages).collect(),
+                move || wake.send(HostEvent::TransferRound),
             ) {
                 Ok(r) => joining.round = Some(r),
                 Err(e) => {
@@ -1883,7 +1899,10 @@ impl Machine {
                 self.pending_input.extend(bytes);
                 None
             }
-            HostEvent::InputClosed | HostEvent::NetReady | HostEvent::PeerLost => None,
+            HostEvent::InputClosed
+            | HostEvent::NetReady
+            | HostEvent::PeerLost
+            | HostEvent::TransferRound => None,
             HostEvent::Snapshot => {
                 if self.snapshot_on_signal.is_some() {
                     self.snapshot_wanted = true;
@@ -1917,6 +1936,24 @@ impl Machine {
     /// interrupt window is requested. A live guest that halted with nothing to take waits
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
+        loop {
+            let r = self.delivery_point_once(halted)?;
+            if !std::mem::take(&mut self.redo_delivery) {
+                return Ok(r);
+            }
+        }
+    }
+
+    /// Whether a re-protect has a step to take (a new backup joined, or a round ended).
+    fn reprotect_due(&self) -> bool {
+        self.joined.is_some()
+            || self
+                .joining
+                .as_ref()
+                .is_some_and(|j| j.round.as_ref().is_none_or(|r| r.is_done()))
+    }
+
+    fn delivery_point_once(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
         if self.corrupt_at == Some(pos) {
             self.corrupt_guest_memory(pos);
@@ -1977,6 +2014,13 @@ impl Machine {
         loop {
             if let Some(outcome) = self.drain_events()? {
                 return Ok(Some(outcome));
+            }
+            // A halted guest's wait ends for a re-protect's next step, which is taken at the
+            // start of a delivery point, as in a running guest (this one is done again:
+            // the live side has logged nothing of it).
+            if halted && !self.mode.is_paired() && self.reprotect_due() {
+                self.redo_delivery = true;
+                return Ok(None);
             }
             // A halted guest waits here: a lost peer wakes it (HostEvent::PeerLost).
             self.rr(|m| m.check_peer())?;
@@ -2213,6 +2257,20 @@ impl Machine {
         v.insert("console_bytes".into(), self.console_bytes.into());
         if let Some(d) = &self.divergence {
             v.insert("divergence".into(), d.clone());
+        }
+        if let Some(r) = self.stats.reprotects.last() {
+            v.insert(
+                "last_reprotect".into(),
+                serde_json::json!({
+                    "generation": r.generation,
+                    "position": r.pos,
+                    "pages_per_round": r.rounds(),
+                    "pause_s": r.pause.as_secs_f64(),
+                    "total_s": r.total.as_secs_f64(),
+                    "bytes": r.bytes,
+                }),
+            );
+            v.insert("reprotects".into(), self.stats.reprotects.len().into());
         }
         v.extend(self.mode.status_fields());
         let mut json = serde_json::Value::Object(v).to_string();

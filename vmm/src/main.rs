@@ -350,6 +350,10 @@ struct BackupArgs {
     /// state first (this backup does not boot), and its arbiter generation; then its log.
     #[arg(long)]
     join: bool,
+    /// Test only: a joining backup gives up (exits with an error) once this many pages of
+    /// the live side's transfer are in, so that the live side sees it vanish mid-transfer.
+    #[arg(long, hide = true, requires = "join")]
+    test_vanish_after_pages: Option<u64>,
     #[command(flatten)]
     lag: LagArgs,
     #[command(flatten)]
@@ -1050,9 +1054,14 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         // checked (a peer that vanishes, garbage, a truncated state: an error, nothing lost
         // on the live side, which goes on alone).
         let stop = std::sync::atomic::AtomicBool::new(false);
-        let timeout = std::time::Duration::from_millis(args.channel.peer_timeout_ms.max(1000));
-        let got = vmm::transfer::receive(&mut rx, timeout, &stop)
-            .with_context(|| format!("joining the live side at {}", rx.peer()))?;
+        // A dead live side is found by the channel's heartbeats; this bounds a live one
+        // that says nothing (it takes the new backup up at its next delivery point).
+        let timeout =
+            std::time::Duration::from_millis(args.channel.peer_timeout_ms.saturating_mul(5))
+                .max(std::time::Duration::from_secs(10));
+        let got =
+            vmm::transfer::receive_or_vanish(&mut rx, timeout, &stop, args.test_vanish_after_pages)
+                .with_context(|| format!("joining the live side at {}", rx.peer()))?;
         if let Some(a) = arbiter.as_mut() {
             a.join_generation(got.generation).map_err(|e| {
                 anyhow::anyhow!("the live side's generation {}: {e}", got.generation)

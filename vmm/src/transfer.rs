@@ -68,6 +68,11 @@ pub enum TransferError {
     /// Asked to stop.
     #[error("stopped while receiving the state transfer")]
     Interrupted,
+    /// Test only: the joining backup gives up on purpose after this many pages.
+    #[error(
+        "test: the joining backup vanishes after {0} pages, as asked (--test-vanish-after-pages)"
+    )]
+    TestVanish(u64),
 }
 
 /// What a side that may go on alone needs to re-protect itself: where the new backup will
@@ -360,20 +365,24 @@ pub struct Round {
 }
 
 impl Round {
-    /// Starts sending `gfns` of `mem` as round `round`.
+    /// Starts sending `gfns` of `mem` as round `round`; `done` is called when it ends.
     pub fn start(
         sender: Arc<LogSender>,
         mem: GuestMemory,
         pos: u64,
         round: u32,
         gfns: Vec<u64>,
+        done: impl FnOnce() + Send + 'static,
     ) -> std::io::Result<Self> {
         let cancel = Arc::new(AtomicBool::new(false));
         let c = cancel.clone();
         let thread = std::thread::Builder::new()
             .name("reprotect-round".into())
             .spawn(move || {
-                send_pages(&sender, &mem, pos, round, gfns.into_iter(), round == 0, &c)
+                let r = send_pages(&sender, &mem, pos, round, gfns.into_iter(), round == 0, &c);
+                // A halted guest's loop waits for this (see `HostEvent::TransferRound`).
+                done();
+                r
             })?;
         Ok(Round {
             cancel,
@@ -425,6 +434,17 @@ pub fn receive(
     timeout: Duration,
     stop: &AtomicBool,
 ) -> Result<Received, TransferError> {
+    receive_or_vanish(rx, timeout, stop, None)
+}
+
+/// [`receive`]; test only: with `vanish_after`, gives up once that many pages are in (the
+/// live side sees its new backup vanish mid-transfer).
+pub fn receive_or_vanish(
+    rx: &mut LogReceiver,
+    timeout: Duration,
+    stop: &AtomicBool,
+    vanish_after: Option<u64>,
+) -> Result<Received, TransferError> {
     let t0 = Instant::now();
     let mut pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let mut npages = 0u64;
@@ -453,6 +473,9 @@ pub fn receive(
                     }
                     npages += 1;
                     pages.insert(gfn, bytes);
+                }
+                if vanish_after.is_some_and(|n| npages >= n) {
+                    return Err(TransferError::TestVanish(npages));
                 }
             }
             Entry::TransferState {
