@@ -587,8 +587,9 @@ fn chained_failovers_with_a_new_backup_joining_each_time() {
             );
             stranger.signal(libc::SIGKILL);
             stranger.wait_exit(Duration::from_secs(30));
-            // A joining backup that vanishes mid-transfer (after 1000 pages): the live side
-            // lets it go, claims the generation it had opened for it, and goes on alone.
+            // A joining backup that vanishes once the live side has started its transfer (it
+            // exits with the transfer unread): the live side lets it go, claims the
+            // generation it had opened for it, and goes on alone.
             let mut vanisher = spawn(
                 dead,
                 args(
@@ -597,8 +598,7 @@ fn chained_failovers_with_a_new_backup_joining_each_time() {
                         "--join",
                         "--listen",
                         &listen[dead],
-                        "--test-vanish-after-pages",
-                        "1000",
+                        "--test-vanish-on-join",
                     ],
                     dead,
                     &secret,

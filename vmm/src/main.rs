@@ -350,10 +350,12 @@ struct BackupArgs {
     /// state first (this backup does not boot), and its arbiter generation; then its log.
     #[arg(long)]
     join: bool,
-    /// Test only: a joining backup gives up (exits with an error) once this many pages of
-    /// the live side's transfer are in, so that the live side sees it vanish mid-transfer.
+    /// Test only: a joining backup vanishes (exits with an error, its socket closed with the
+    /// transfer unread) once the live side has accepted it, so that the live side sees its
+    /// new backup vanish mid-transfer. (Vanishing after some of the transfer would race: the
+    /// channel acknowledges on receipt, so the live side may have sent it all by then.)
     #[arg(long, hide = true, requires = "join")]
-    test_vanish_after_pages: Option<u64>,
+    test_vanish_on_join: bool,
     #[command(flatten)]
     lag: LagArgs,
     #[command(flatten)]
@@ -1059,9 +1061,11 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         let timeout =
             std::time::Duration::from_millis(args.channel.peer_timeout_ms.saturating_mul(5))
                 .max(std::time::Duration::from_secs(10));
-        let got =
-            vmm::transfer::receive_or_vanish(&mut rx, timeout, &stop, args.test_vanish_after_pages)
-                .with_context(|| format!("joining the live side at {}", rx.peer()))?;
+        if args.test_vanish_on_join {
+            bail!("test: the joining backup vanishes before the transfer, as asked (--test-vanish-on-join)");
+        }
+        let got = vmm::transfer::receive(&mut rx, timeout, &stop)
+            .with_context(|| format!("joining the live side at {}", rx.peer()))?;
         if let Some(a) = arbiter.as_mut() {
             a.join_generation(got.generation).map_err(|e| {
                 anyhow::anyhow!("the live side's generation {}: {e}", got.generation)

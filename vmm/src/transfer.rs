@@ -68,11 +68,6 @@ pub enum TransferError {
     /// Asked to stop.
     #[error("stopped while receiving the state transfer")]
     Interrupted,
-    /// Test only: the joining backup gives up on purpose after this many pages.
-    #[error(
-        "test: the joining backup vanishes after {0} pages, as asked (--test-vanish-after-pages)"
-    )]
-    TestVanish(u64),
 }
 
 /// What a side that may go on alone needs to re-protect itself: where the new backup will
@@ -434,17 +429,6 @@ pub fn receive(
     timeout: Duration,
     stop: &AtomicBool,
 ) -> Result<Received, TransferError> {
-    receive_or_vanish(rx, timeout, stop, None)
-}
-
-/// [`receive`]; test only: with `vanish_after`, gives up once that many pages are in (the
-/// live side sees its new backup vanish mid-transfer).
-pub fn receive_or_vanish(
-    rx: &mut LogReceiver,
-    timeout: Duration,
-    stop: &AtomicBool,
-    vanish_after: Option<u64>,
-) -> Result<Received, TransferError> {
     let t0 = Instant::now();
     let mut pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let mut npages = 0u64;
@@ -473,9 +457,6 @@ pub fn receive_or_vanish(
                     }
                     npages += 1;
                     pages.insert(gfn, bytes);
-                }
-                if vanish_after.is_some_and(|n| npages >= n) {
-                    return Err(TransferError::TestVanish(npages));
                 }
             }
             Entry::TransferState {
