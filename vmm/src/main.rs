@@ -1024,25 +1024,29 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
     let mut arbiter = args
         .failover
         .open_arbiter(&args.vm_id, Role::Backup, args.join)?;
+    let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
+    let trap = vmm::hostcpu::probe_cpuid_trap(&kvm)?;
+    // Our header is computed once, before listening (hashing the image takes seconds in a
+    // debug build on a loaded host, and a primary's handshake times out while the check
+    // runs); the digest interval is the primary's. Only whether CPUID is trapped is
+    // compared; the fingerprint picks the CPU.
+    let base = pair_header(
+        &cfg,
+        0,
+        &args.vm_id,
+        (trap == vmm::hostcpu::CpuidTrap::Native).then(Vec::new),
+    )?;
     let listener =
         logchannel::transport::LogListener::bind(resolve(&args.listen)?, args.channel.config())?
             .with_pair_secret(args.channel.pair_secret()?);
     eprintln!("twinvm: backup listening on {}", listener.local_addr());
-    let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
-    let trap = vmm::hostcpu::probe_cpuid_trap(&kvm)?;
     let chosen = std::cell::RefCell::new(None);
     // Strangers (scans, garbage, wrong secret, silence) are logged and dropped; a
     // primary whose header does not match, or whose host CPU this host cannot match,
     // ends the wait with an error.
     let check = |theirs: &logchannel::LogHeader| {
-        // Only whether CPUID is trapped is compared here; the fingerprint picks the CPU.
-        let ours = pair_header(
-            &cfg,
-            theirs.digest_interval,
-            &args.vm_id,
-            (trap == vmm::hostcpu::CpuidTrap::Native).then(Vec::new),
-        )
-        .map_err(|e| format!("{e:#}"))?;
+        let mut ours = base.clone();
+        ours.digest_interval = theirs.digest_interval;
         ours.check_matches(theirs)?;
         let placement = vmm::hostcpu::for_replay(&kvm, theirs.cpuid.as_deref(), cfg.cpu)
             .map_err(|e| format!("the backup's host: {e}"))?;
