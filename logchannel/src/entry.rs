@@ -400,6 +400,32 @@ pub enum Entry {
         /// The snapshot file's SHA-256.
         sha256: [u8; 32],
     },
+    /// Re-protect (a new backup joins a live side): guest pages sent before the machine's
+    /// state, while the guest runs (a pre-copy round) or at the stop (the pages dirtied
+    /// since the last round). The joining backup writes them into its memory in order; the
+    /// state ([`Entry::TransferState`]) comes after them.
+    TransferPages {
+        /// The live side's position when they were read.
+        pos: Position,
+        /// The round: 0 is the first pass over memory, the last one is taken at the stop.
+        round: u32,
+        /// Frame number and 4 KiB of bytes of each page.
+        pages: Vec<(u64, Vec<u8>)>,
+    },
+    /// Re-protect: a piece of the machine snapshot taken at the delivery point `pos` where
+    /// the live side stopped its guest; the log of the new pair follows the last piece.
+    TransferState {
+        /// The delivery point.
+        pos: Position,
+        /// The arbiter generation the new pair claims when it loses a side.
+        generation: u64,
+        /// Offset of `bytes` in the snapshot.
+        offset: u64,
+        /// The snapshot's size.
+        total: u64,
+        /// The piece.
+        bytes: Vec<u8>,
+    },
 }
 
 impl Entry {
@@ -417,7 +443,9 @@ impl Entry {
             | Entry::PreemptPages { pos, .. }
             | Entry::Heartbeat { pos }
             | Entry::End { pos, .. }
-            | Entry::Snapshot { pos, .. } => *pos,
+            | Entry::Snapshot { pos, .. }
+            | Entry::TransferPages { pos, .. }
+            | Entry::TransferState { pos, .. } => *pos,
             Entry::Digest(d) => d.pos,
         }
     }
@@ -438,6 +466,8 @@ impl Entry {
             Entry::Heartbeat { .. } => "Heartbeat",
             Entry::End { .. } => "End",
             Entry::Snapshot { .. } => "Snapshot",
+            Entry::TransferPages { .. } => "TransferPages",
+            Entry::TransferState { .. } => "TransferState",
         }
     }
 }

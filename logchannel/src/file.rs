@@ -392,6 +392,18 @@ mod tests {
                 pos: Position(9),
                 sha256: [7; 32],
             },
+            Entry::TransferPages {
+                pos: Position(9),
+                round: 1,
+                pages: vec![(3, vec![1; 4096])],
+            },
+            Entry::TransferState {
+                pos: Position(9),
+                generation: 2,
+                offset: 0,
+                total: 3,
+                bytes: vec![1, 2, 3],
+            },
             Entry::End {
                 pos: Position(10),
                 reason: EndReason::Error("triple fault".into()),

@@ -184,6 +184,9 @@ impl Vm {
                 return rest.lines().next().unwrap_or("").to_string();
             }
             if let Some(status) = self.try_wait() {
+                // Let the capture thread take the last bytes (the error line comes last).
+                std::thread::sleep(Duration::from_millis(300));
+                let err = self.stderr();
                 panic!("twinvm exited ({status}) before printing {needle:?} on stderr:\n{err}");
             }
             if Instant::now() > deadline {

@@ -19,5 +19,6 @@ pub mod signals;
 pub mod snapshot;
 pub mod tap;
 pub mod trail;
+pub mod transfer;
 pub mod vcpu;
 pub mod vstate;

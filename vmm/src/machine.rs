@@ -188,6 +188,9 @@ pub enum MachineError {
     /// Taking or restoring a snapshot.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A re-protect could not go on, and this side could not go on alone either.
+    #[error("re-protect: {0}")]
+    Reprotect(String),
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed at position {pos}: {source}")]
     Run {
@@ -224,6 +227,12 @@ pub enum HostEvent {
     PeerLost,
     /// Take a snapshot at the next delivery point (to [`VmConfig::snapshot_on_signal`]).
     Snapshot,
+    /// A new backup accepted this live side's handshake: re-protect (see
+    /// [`crate::transfer`]).
+    BackupJoined(crate::transfer::Joined),
+    /// A pre-copy round of a re-protect has sent its pages: a halted guest's loop takes
+    /// the next step.
+    TransferRound,
 }
 
 /// Counters of one run, for benchmarks and the closing log line.
@@ -275,6 +284,8 @@ pub struct RunStats {
     pub restore: Option<Duration>,
     /// Time it took to read and check the snapshot file.
     pub restore_read: Option<Duration>,
+    /// Each re-protect this side made (a new backup joined it).
+    pub reprotects: Vec<crate::transfer::ReprotectFigures>,
 }
 
 /// Figures of a snapshot taken.
@@ -428,6 +439,30 @@ pub struct Machine {
     /// A restored machine starts at its snapshot's delivery point: whether the guest had
     /// halted there.
     resume_halted: Option<bool>,
+    /// Where a new backup will listen once this side runs alone (`--next-backup`).
+    reprotect: Option<Arc<crate::transfer::ReprotectConfig>>,
+    /// Stops the thread that waits for that backup.
+    connector_cancel: Option<Arc<AtomicBool>>,
+    /// A new backup that joined, not yet taken up at a delivery point.
+    joined: Option<crate::transfer::Joined>,
+    /// A re-protect under way (pre-copy rounds).
+    joining: Option<Joining>,
+    /// The output rule a re-protected side started for itself.
+    output_rule: Option<crate::transfer::OutputRule>,
+    /// A halted guest's wait at a delivery point ended for a re-protect step: the delivery
+    /// point is done again from its start (nothing of it has reached a log yet).
+    redo_delivery: bool,
+}
+
+/// A re-protect under way: the channel to the new backup, the generation opened for it,
+/// the round in flight.
+struct Joining {
+    sender: Arc<logchannel::transport::LogSender>,
+    since: Instant,
+    generation: u64,
+    round: Option<crate::transfer::Round>,
+    rounds: u32,
+    figures: crate::transfer::ReprotectFigures,
 }
 
 impl std::fmt::Debug for Machine {
@@ -578,6 +613,12 @@ impl Machine {
             snapshot_on_signal: cfg.snapshot_on_signal.clone(),
             snapshot_wanted: false,
             resume_halted: None,
+            reprotect: None,
+            connector_cancel: None,
+            joined: None,
+            joining: None,
+            output_rule: None,
+            redo_delivery: false,
         };
         if let Some(snap) = &cfg.restore {
             machine.restore_from(snap)?;
@@ -710,6 +751,11 @@ impl Machine {
             Err(_) => "failed".to_string(),
         };
         self.write_status_now(pos, &state);
+        if let Some(c) = self.connector_cancel.take() {
+            c.store(true, Ordering::Release);
+        }
+        self.joining = None;
+        self.joined = None;
         let bytes = match std::mem::replace(&mut self.mode, Mode::Live) {
             Mode::Record(r) => r.finish(),
             other => {
@@ -717,6 +763,7 @@ impl Machine {
                 Ok(0)
             }
         };
+        self.finish_output_rule();
         // How the guest ended comes first: a side halted by the arbiter must say so, not
         // report the dead channel its recorder could not finish on.
         let outcome = result?;
@@ -1089,6 +1136,302 @@ impl Machine {
         Ok(())
     }
 
+    /// Lets this side, once it runs the VM alone, take a new backup (re-protect): see
+    /// [`crate::transfer`]. The guest image's identity goes into the state it sends.
+    pub fn set_reprotect(&mut self, cfg: crate::transfer::ReprotectConfig) {
+        self.image = Some(cfg.image.clone());
+        self.reprotect = Some(Arc::new(cfg));
+        if matches!(self.role, Role::Alone | Role::LiveAfterFailover) {
+            self.start_connector();
+        }
+    }
+
+    /// Starts waiting for a new backup, if this side may take one and is not waiting yet.
+    fn start_connector(&mut self) {
+        let Some(cfg) = self.reprotect.clone() else {
+            return;
+        };
+        if let Some(c) = self.connector_cancel.take() {
+            c.store(true, Ordering::Release);
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let handle = self.handle.clone();
+        let addr = cfg.addr;
+        match crate::transfer::spawn_connector(cfg, cancel.clone(), move |j| {
+            handle.send(HostEvent::BackupJoined(j))
+        }) {
+            Ok(_) => {
+                eprintln!("twinvm: re-protect: waiting for a new backup at {addr}");
+                self.connector_cancel = Some(cancel);
+            }
+            Err(e) => eprintln!("twinvm: re-protect: cannot start the connector thread: {e}"),
+        }
+    }
+
+    /// At a delivery point: takes up a new backup that joined (opens the next generation at
+    /// the arbiter, starts the first pre-copy round), starts the next round when one has
+    /// ended, and stops for the rest when the rounds have converged (or at once, without
+    /// rounds). A failure on the way lets the new backup go: this side goes on alone.
+    fn reprotect_step(&mut self, pos: Position, halted: bool) -> Result<(), MachineError> {
+        if let Some(j) = self.joined.take() {
+            self.begin_reprotect(j, pos)?;
+        }
+        let Some(j) = &mut self.joining else {
+            return Ok(());
+        };
+        if j.round.as_ref().is_some_and(|r| !r.is_done()) {
+            return Ok(());
+        }
+        if let Some(r) = j.round.take() {
+            match r.join() {
+                Ok((pages, bytes)) => {
+                    j.figures.push_round(pages);
+                    j.figures.bytes += bytes;
+                    j.rounds += 1;
+                }
+                Err(e) => return self.abandon_reprotect(&e.to_string()),
+            }
+        }
+        let cfg = self.reprotect.clone().expect("a re-protect has its config");
+        let rounds = self.joining.as_ref().map_or(0, |j| j.rounds);
+        if cfg.max_rounds == 0 {
+            return self.finish_reprotect(pos, halted, None);
+        }
+        // What the guest dirtied while the last round was sent.
+        self.carry_dirty_pages()?;
+        let dirty = self.dirty.take_since_common(&self.mem);
+        if rounds >= cfg.max_rounds || dirty.len() <= cfg.stop_pages {
+            return self.finish_reprotect(pos, halted, Some(dirty));
+        }
+        let Some(j) = &mut self.joining else {
+            return Ok(());
+        };
+        let wake = self.handle.clone();
+        match crate::transfer::Round::start(
+            j.sender.clone(),
+            self.mem.clone(),
+            pos,
+            rounds,
+            dirty,
+            move || wake.send(HostEvent::TransferRound),
+        ) {
+            Ok(r) => j.round = Some(r),
+            Err(e) => return self.abandon_reprotect(&format!("starting a pre-copy round: {e}")),
+        }
+        Ok(())
+    }
+
+    /// A new backup joined: the next generation is opened for the new pair, and the first
+    /// pre-copy round (every page) starts from a clean dirty log.
+    fn begin_reprotect(
+        &mut self,
+        j: crate::transfer::Joined,
+        pos: Position,
+    ) -> Result<(), MachineError> {
+        let since = Instant::now();
+        let peer = j.0.peer();
+        let Some(arbiter) = self.arbiter.as_mut() else {
+            eprintln!(
+                "twinvm: re-protect: no arbiter (--arbiter): the new backup at {peer} is let go"
+            );
+            return Ok(());
+        };
+        let was = arbiter.describe();
+        let generation = match arbiter.re_pair() {
+            Ok(g) => g,
+            Err(e) => {
+                // Nothing changed at the arbiter: this side goes on alone as it was.
+                eprintln!("twinvm: re-protect: {e}; the new backup at {peer} is let go");
+                self.start_connector();
+                return Ok(());
+            }
+        };
+        eprintln!(
+            "twinvm: re-protect: the new backup at {peer} joined at position {pos}; re-paired {was}: generation {generation} is open for the new pair"
+        );
+        // The dirty log from here on is what the rounds send again.
+        self.carry_dirty_pages()?;
+        let _ = self.dirty.take_since_digest(&self.mem);
+        let cfg = self.reprotect.clone().expect("a re-protect has its config");
+        let mut joining = Joining {
+            sender: j.0,
+            since,
+            generation,
+            round: None,
+            rounds: 0,
+            figures: crate::transfer::ReprotectFigures {
+                generation,
+                ..Default::default()
+            },
+        };
+        if cfg.max_rounds > 0 {
+            let npages: u64 = self.mem.iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE;
+            let wake = self.handle.clone();
+            match crate::transfer::Round::start(
+                joining.sender.clone(),
+                self.mem.clone(),
+                pos,
+                0,
+                (0..npages).collect(),
+                move || wake.send(HostEvent::TransferRound),
+            ) {
+                Ok(r) => joining.round = Some(r),
+                Err(e) => {
+                    self.joining = Some(joining);
+                    return self.abandon_reprotect(&format!("starting the first round: {e}"));
+                }
+            }
+        }
+        self.joining = Some(joining);
+        Ok(())
+    }
+
+    /// The stop: the guest stays at this delivery point while the pages dirtied since the
+    /// last round (`dirty`; `None`: stop-and-copy, every page) and the machine's state go to
+    /// the new backup; then this side streams its log from here, a primary with the output
+    /// rule.
+    fn finish_reprotect(
+        &mut self,
+        pos: Position,
+        halted: bool,
+        dirty: Option<Vec<u64>>,
+    ) -> Result<(), MachineError> {
+        let t0 = Instant::now();
+        let Some(mut j) = self.joining.take() else {
+            return Ok(());
+        };
+        let cfg = self.reprotect.clone().expect("a re-protect has its config");
+        let mut state = self.snapshot_state(pos, halted)?;
+        // Completing the last exit may have written memory: the last pages are read after it.
+        let mut last = dirty.unwrap_or_default();
+        let pages = if cfg.max_rounds == 0 {
+            crate::snapshot::Pages::NonZero
+        } else {
+            self.carry_dirty_pages()?;
+            last.extend(self.dirty.take_since_common(&self.mem));
+            last.sort_unstable();
+            last.dedup();
+            crate::snapshot::Pages::Only(&last)
+        };
+        // Both machines start the next digest's pages from here.
+        state.vmm.dirty_since_digest = Vec::new();
+        let (bytes, w) = crate::snapshot::encode(&state, &self.mem, pages)?;
+        if let Err(e) = crate::transfer::send_state(&j.sender, pos, j.generation, &bytes) {
+            self.joining = Some(j);
+            return self.abandon_reprotect(&e.to_string());
+        }
+        j.figures.push_round(w.pages_stored);
+        j.figures.bytes += w.bytes;
+        j.figures.pos = pos;
+        // From here the log goes to the new backup, and output waits for its acks.
+        self.mode = Mode::Record(Box::new(crate::rr::Recorder::live_from(
+            j.sender.clone(),
+            cfg.lag,
+            pos,
+        )));
+        // The restored machine starts without KVM's mappings and with a clean dirty log.
+        self.reset_mmu()?;
+        let _ = self.dirty.take_since_digest(&self.mem);
+        self.baseline = None;
+        self.replayed_output = None;
+        let handle = self.handle.clone();
+        let (rule, held) = crate::transfer::OutputRule::start(j.sender.clone(), move || {
+            handle.send(HostEvent::PeerLost)
+        })
+        .map_err(|e| MachineError::Reprotect(format!("starting the output rule's threads: {e}")))?;
+        let tap = self.hold_frames(Box::new(held.clone()))?;
+        rule.set_tap(tap);
+        self.console_out = Box::new(held);
+        // The rule of an earlier re-protect lets out what it holds (this side went on alone
+        // since) before anything of the new one.
+        if let Some(old) = self.output_rule.replace(rule) {
+            old.finish();
+        }
+        j.figures.pause = t0.elapsed();
+        j.figures.total = j.since.elapsed();
+        let f = j.figures;
+        eprintln!(
+            "twinvm: re-protected at position {pos}: generation {}, guest paused {:.1} ms, {:.1} ms in all since the new backup joined, pages per round {:?} ({} bytes sent)",
+            f.generation,
+            f.pause.as_secs_f64() * 1e3,
+            f.total.as_secs_f64() * 1e3,
+            f.rounds(),
+            f.bytes
+        );
+        self.stats.reprotects.push(f);
+        self.set_role(Role::Primary);
+        Ok(())
+    }
+
+    /// A re-protect failed before the new pair started (the new backup vanished, a send
+    /// failed): it is let go, and this side goes on alone. If the next generation was opened
+    /// for it, this side claims that one (nobody else can hold it: the new backup never had
+    /// a machine to go live with).
+    fn abandon_reprotect(&mut self, why: &str) -> Result<(), MachineError> {
+        let Some(j) = self.joining.take() else {
+            return Ok(());
+        };
+        drop(j.round);
+        eprintln!(
+            "twinvm: re-protect failed ({why}): the new backup at {} is let go; this side goes on alone",
+            j.sender.peer()
+        );
+        drop(j.sender);
+        let pos = self.position();
+        let reason = format!("the joining backup failed: {why}");
+        match crate::ft::failover::settle(self.role, self.arbiter.as_deref_mut(), &self.handle.stop)
+        {
+            Ok(won) => eprintln!(
+                "twinvm: re-protect: won {} after {:.0?}",
+                won.what, won.after
+            ),
+            Err(crate::ft::failover::NotWon::Interrupted) => {
+                return Err(RrError::Interrupted.into())
+            }
+            Err(crate::ft::failover::NotWon::Halted(what)) => {
+                self.set_role(Role::Halted);
+                return Err(MachineError::Halted {
+                    pos: pos.get(),
+                    reason,
+                    what,
+                });
+            }
+            Err(crate::ft::failover::NotWon::Refused { what, why }) => {
+                self.set_role(Role::Halted);
+                return Err(MachineError::ArbiterRefused {
+                    pos: pos.get(),
+                    reason,
+                    what,
+                    why,
+                });
+            }
+        }
+        self.start_connector();
+        Ok(())
+    }
+
+    /// At the end of a run: the output rule of a re-protect lets out what it may.
+    fn finish_output_rule(&mut self) {
+        let Some(rule) = self.output_rule.take() else {
+            return;
+        };
+        self.flush_console();
+        self.console_out = Box::new(std::io::sink());
+        if let Some(nic) = &mut self.nic {
+            nic.set_frame_sink(Box::new(crate::nic::DropFrames));
+        }
+        let d = rule.finish();
+        if !d.delays.is_empty() {
+            eprintln!(
+                "twinvm: output rule (since the last re-protect): {} console bytes and {} frames held for the backup's ack: median {:.2?}, p99 {:.2?}",
+                d.bytes,
+                d.frames,
+                d.percentile(0.5),
+                d.percentile(0.99)
+            );
+        }
+    }
+
     /// Sets what decides failover, where a backup's console goes once it is live, and who is
     /// told of role changes.
     pub fn set_failover(
@@ -1129,6 +1472,12 @@ impl Machine {
             self.position()
         );
         self.role = role;
+        if let Some(rule) = &self.output_rule {
+            rule.decision.follow(role);
+        }
+        if matches!(role, Role::Alone | Role::LiveAfterFailover) {
+            self.start_connector();
+        }
         if let Some(l) = &mut self.role_listener {
             l(role);
         }
@@ -1327,7 +1676,10 @@ impl Machine {
                 self.pending_input.extend(bytes);
                 None
             }
-            HostEvent::InputClosed | HostEvent::NetReady | HostEvent::PeerLost => None,
+            HostEvent::InputClosed
+            | HostEvent::NetReady
+            | HostEvent::PeerLost
+            | HostEvent::TransferRound => None,
             HostEvent::Snapshot => {
                 if self.snapshot_on_signal.is_some() {
                     self.snapshot_wanted = true;
@@ -1340,6 +1692,18 @@ impl Machine {
                 self.flush_console();
                 Some(RunOutcome::Stopped(sig))
             }
+            HostEvent::BackupJoined(j) => {
+                if self.role.is_live() && !self.mode.is_paired() && self.joining.is_none() {
+                    self.joined = Some(j);
+                } else {
+                    eprintln!(
+                        "twinvm: re-protect: a new backup at {} joined, but this side is {} now: let go",
+                        j.0.peer(),
+                        self.role
+                    );
+                }
+                None
+            }
         }
     }
 
@@ -1349,6 +1713,24 @@ impl Machine {
     /// interrupt window is requested. A live guest that halted with nothing to take waits
     /// here for the next timer deadline or console input.
     fn delivery_point(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
+        loop {
+            let r = self.delivery_point_once(halted)?;
+            if !std::mem::take(&mut self.redo_delivery) {
+                return Ok(r);
+            }
+        }
+    }
+
+    /// Whether a re-protect has a step to take (a new backup joined, or a round ended).
+    fn reprotect_due(&self) -> bool {
+        self.joined.is_some()
+            || self
+                .joining
+                .as_ref()
+                .is_some_and(|j| j.round.as_ref().is_none_or(|r| r.is_done()))
+    }
+
+    fn delivery_point_once(&mut self, halted: bool) -> Result<Option<RunOutcome>, MachineError> {
         let pos = self.position();
         if self.corrupt_at == Some(pos.get()) {
             self.corrupt_guest_memory(pos);
@@ -1359,6 +1741,9 @@ impl Machine {
             out.trim(c, f);
         }
         self.rr(|m| m.check_peer())?;
+        // A re-protect's rounds, and its stop, come where a snapshot would be taken: the new
+        // backup starts from this delivery point as a restored machine does.
+        self.reprotect_step(pos, halted)?;
         // Snapshots come before the digest (their entry comes first at a delivery point) and
         // after the progress report: a live backup may wait for its next entry here, and its
         // primary may be waiting for that report. A replay whose recording took a snapshot
@@ -1406,6 +1791,13 @@ impl Machine {
         loop {
             if let Some(outcome) = self.drain_events()? {
                 return Ok(Some(outcome));
+            }
+            // A halted guest's wait ends for a re-protect's next step, which is taken at the
+            // start of a delivery point, as in a running guest (this one is done again:
+            // the live side has logged nothing of it).
+            if halted && !self.mode.is_paired() && self.reprotect_due() {
+                self.redo_delivery = true;
+                return Ok(None);
             }
             // A halted guest waits here: a lost peer wakes it (HostEvent::PeerLost).
             self.rr(|m| m.check_peer())?;
@@ -1642,6 +2034,20 @@ impl Machine {
         v.insert("console_bytes".into(), self.console_bytes.into());
         if let Some(d) = &self.divergence {
             v.insert("divergence".into(), d.clone());
+        }
+        if let Some(r) = self.stats.reprotects.last() {
+            v.insert(
+                "last_reprotect".into(),
+                serde_json::json!({
+                    "generation": r.generation,
+                    "position": r.pos,
+                    "pages_per_round": r.rounds(),
+                    "pause_s": r.pause.as_secs_f64(),
+                    "total_s": r.total.as_secs_f64(),
+                    "bytes": r.bytes,
+                }),
+            );
+            v.insert("reprotects".into(), self.stats.reprotects.len().into());
         }
         v.extend(self.mode.status_fields());
         let mut json = serde_json::Value::Object(v).to_string();

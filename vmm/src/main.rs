@@ -88,6 +88,96 @@ struct ChannelArgs {
     pair_secret_file: Option<PathBuf>,
 }
 
+/// Flow control of a side that streams its log (a primary, or a side re-protected with a
+/// new backup).
+#[derive(Debug, Args)]
+struct LagArgs {
+    /// Flow control: most log entries the backup may leave unacknowledged before the guest
+    /// is slowed down.
+    #[arg(long, default_value_t = 100_000)]
+    max_lag_entries: u64,
+    /// Flow control: most log bytes the backup may leave unacknowledged.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_lag_bytes: u64,
+    /// Replay-lag bound: the primary is held back while the backup's replay trails it by
+    /// more than the positions it runs in this many milliseconds (what a takeover must
+    /// replay first).
+    #[arg(long, default_value_t = 100)]
+    max_replay_lag_ms: u64,
+    /// Replay-lag bound in positions (the smaller of the two bounds applies).
+    #[arg(long, default_value_t = 20_000)]
+    max_replay_lag_positions: u64,
+    /// Floor of the time bound, in positions: the primary may always run this far ahead
+    /// of the backup's replay (fewer makes it spend its time held on a slow host).
+    #[arg(long, default_value_t = 10_000)]
+    min_replay_lag_positions: u64,
+}
+
+impl LagArgs {
+    fn limit(&self) -> vmm::rr::LagLimit {
+        vmm::rr::LagLimit {
+            entries: self.max_lag_entries,
+            bytes: self.max_lag_bytes,
+            replay_positions: self.max_replay_lag_positions,
+            replay_time: std::time::Duration::from_millis(self.max_replay_lag_ms),
+            replay_min_positions: self.min_replay_lag_positions,
+        }
+    }
+}
+
+/// Re-protect: a side that goes on alone takes a new backup (see README: re-protect).
+#[derive(Debug, Args)]
+struct ReprotectArgs {
+    /// Where a new backup will listen (`twinvm backup --join --listen ...`), HOST:PORT: once
+    /// this side runs the VM alone (after a failover), it connects there, opens the next
+    /// generation at the arbiter, sends its state and streams its log to it. Without it, a
+    /// side that goes on alone stays alone.
+    #[arg(long, value_name = "HOST:PORT")]
+    next_backup: Option<String>,
+    /// Pre-copy rounds at most before the guest is stopped for the rest of its memory and
+    /// its state (0: stop-and-copy, the whole machine at one delivery point).
+    #[arg(long, default_value_t = 8)]
+    reprotect_rounds: u32,
+    /// A pre-copy round that leaves at most this many dirty pages ends the pre-copy.
+    #[arg(long, default_value_t = 256)]
+    reprotect_stop_pages: usize,
+}
+
+impl ReprotectArgs {
+    /// The re-protect configuration of a side whose machine is `cfg`, its vCPU placed
+    /// (`cpuid`: the fingerprint of its host CPU, which the new backup must match).
+    fn config(
+        &self,
+        cfg: &VmConfig,
+        digest_interval: u64,
+        vm_id: &str,
+        cpuid: Option<Vec<logchannel::entry::CpuidLeaf>>,
+        channel: &ChannelArgs,
+        lag: &LagArgs,
+    ) -> anyhow::Result<Option<vmm::transfer::ReprotectConfig>> {
+        let Some(addr) = &self.next_backup else {
+            return Ok(None);
+        };
+        // The new pair starts from the state sent, not from a snapshot file.
+        let header = pair_header(cfg, digest_interval, vm_id, cpuid)?.with_snapshot(None);
+        Ok(Some(vmm::transfer::ReprotectConfig {
+            addr: resolve(addr)?,
+            header,
+            channel: channel.config(),
+            secret: channel.pair_secret()?,
+            lag: lag.limit(),
+            image: vmm::snapshot::ImageId::of(
+                &cfg.kernel,
+                cfg.initrd.as_deref(),
+                &cfg.cmdline,
+                cfg.mem_mib,
+            )?,
+            max_rounds: self.reprotect_rounds,
+            stop_pages: self.reprotect_stop_pages,
+        }))
+    }
+}
+
 /// Failover: the arbiter both sides of a pair ask when they lose each other.
 #[derive(Debug, Args)]
 struct FailoverArgs {
@@ -123,19 +213,39 @@ impl FailoverArgs {
         vm: &str,
         role: Role,
     ) -> anyhow::Result<Option<Box<dyn vmm::machine::Arbiter>>> {
+        self.open_arbiter(vm, role, false)
+    }
+
+    /// [`FailoverArgs::arbiter`] for a backup that joins a live side: the arbiter must
+    /// answer and take the token; the generation comes with the live side's state.
+    fn open_arbiter(
+        &self,
+        vm: &str,
+        role: Role,
+        joining: bool,
+    ) -> anyhow::Result<Option<Box<dyn vmm::machine::Arbiter>>> {
         let Some(addr) = &self.arbiter else {
             return Ok(None);
         };
         let name = self.claimant.clone().unwrap_or_else(|| role.to_string());
+        if joining {
+            eprintln!("twinvm: {role}: joining: the arbiter at {addr} answers; the generation comes from the live side");
+        }
         if addr.starts_with(arbiter::etcd::SCHEME) {
-            let arbiter = vmm::ft::etcd::EtcdArbiter::connect(&vmm::ft::etcd::EtcdSettings {
+            let settings = vmm::ft::etcd::EtcdSettings {
                 url: addr.clone(),
                 prefix: self.arbiter_etcd_prefix.clone(),
                 credentials_file: self.arbiter_etcd_credentials_file.clone(),
                 vm: vm.to_string(),
                 generation: self.generation,
                 name,
-            })?;
+            };
+            if joining {
+                return Ok(Some(Box::new(vmm::ft::etcd::EtcdArbiter::connect_joining(
+                    &settings,
+                )?)));
+            }
+            let arbiter = vmm::ft::etcd::EtcdArbiter::connect(&settings)?;
             eprintln!(
                 "twinvm: {role}: generation {} of VM {vm:?} is open at the etcd arbiter {addr}; this side is {}",
                 self.generation,
@@ -143,13 +253,19 @@ impl FailoverArgs {
             );
             return Ok(Some(Box::new(arbiter)));
         }
-        let arbiter = vmm::ft::arbiter::HttpArbiter::connect(&vmm::ft::arbiter::ArbiterSettings {
+        let settings = vmm::ft::arbiter::ArbiterSettings {
             addr: addr.clone(),
             token_file: self.arbiter_token_file.clone(),
             vm: vm.to_string(),
             generation: self.generation,
             name,
-        })?;
+        };
+        if joining {
+            return Ok(Some(Box::new(
+                vmm::ft::arbiter::HttpArbiter::connect_joining(&settings)?,
+            )));
+        }
+        let arbiter = vmm::ft::arbiter::HttpArbiter::connect(&settings)?;
         eprintln!(
             "twinvm: {role}: generation {} of VM {vm:?} is open at the arbiter {addr}; this side is {}",
             self.generation,
@@ -194,25 +310,10 @@ struct PrimaryArgs {
     /// How long to keep trying to reach the backup, in seconds.
     #[arg(long, default_value_t = 30)]
     connect_timeout: u64,
-    /// Flow control: most log entries the backup may leave unacknowledged before the guest
-    /// is slowed down.
-    #[arg(long, default_value_t = 100_000)]
-    max_lag_entries: u64,
-    /// Flow control: most log bytes the backup may leave unacknowledged.
-    #[arg(long, default_value_t = 64 << 20)]
-    max_lag_bytes: u64,
-    /// Replay-lag bound: the primary is held back while the backup's replay trails it by
-    /// more than the positions it runs in this many milliseconds (what a takeover must
-    /// replay first).
-    #[arg(long, default_value_t = 100)]
-    max_replay_lag_ms: u64,
-    /// Replay-lag bound in positions (the smaller of the two bounds applies).
-    #[arg(long, default_value_t = 20_000)]
-    max_replay_lag_positions: u64,
-    /// Floor of the time bound, in positions: the primary may always run this far ahead
-    /// of the backup's replay (fewer makes it spend its time held on a slow host).
-    #[arg(long, default_value_t = 10_000)]
-    min_replay_lag_positions: u64,
+    #[command(flatten)]
+    lag: LagArgs,
+    #[command(flatten)]
+    reprotect: ReprotectArgs,
     /// Positions between two state digests.
     #[arg(long, default_value_t = 2000)]
     digest_interval: u64,
@@ -245,6 +346,20 @@ struct BackupArgs {
     /// Write the backup guest's console output to this file (it is discarded otherwise).
     #[arg(long)]
     console_log: Option<PathBuf>,
+    /// Join a live side (re-protect): the side that connects sends the running machine's
+    /// state first (this backup does not boot), and its arbiter generation; then its log.
+    #[arg(long)]
+    join: bool,
+    /// Test only: a joining backup vanishes (exits with an error, its socket closed with the
+    /// transfer unread) once the live side has accepted it, so that the live side sees its
+    /// new backup vanish mid-transfer. (Vanishing after some of the transfer would race: the
+    /// channel acknowledges on receipt, so the live side may have sent it all by then.)
+    #[arg(long, hide = true, requires = "join")]
+    test_vanish_on_join: bool,
+    #[command(flatten)]
+    lag: LagArgs,
+    #[command(flatten)]
+    reprotect: ReprotectArgs,
     /// The VM's identity (both sides must agree).
     #[arg(long, default_value = "twinvm")]
     vm_id: String,
@@ -631,6 +746,14 @@ fn write_stats(
         "snapshot_s": s.snapshot.map(|f| secs(f.took)),
         "restore_s": s.restore.map(secs),
         "snapshot_read_s": s.restore_read.map(secs),
+        "reprotects": s.reprotects.iter().map(|r| serde_json::json!({
+            "generation": r.generation,
+            "position": r.pos,
+            "pages_per_round": r.rounds(),
+            "pause_s": secs(r.pause),
+            "total_s": secs(r.total),
+            "bytes": r.bytes,
+        })).collect::<Vec<_>>(),
     });
     std::fs::write(path, format!("{json}\n")).with_context(|| format!("writing {}", path.display()))
 }
@@ -810,16 +933,15 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
     let (tap_tx, tap_rx) = std::sync::mpsc::channel();
     let decision = SharedDecision::default();
     let releaser = spawn_output_releaser(sender.clone(), rx, tap_rx, decision.clone());
-    let recorder = Recorder::live(
-        sender.clone(),
-        vmm::rr::LagLimit {
-            entries: args.max_lag_entries,
-            bytes: args.max_lag_bytes,
-            replay_positions: args.max_replay_lag_positions,
-            replay_time: std::time::Duration::from_millis(args.max_replay_lag_ms),
-            replay_min_positions: args.min_replay_lag_positions,
-        },
-    );
+    let recorder = Recorder::live(sender.clone(), args.lag.limit());
+    let reprotect = args.reprotect.config(
+        &cfg,
+        args.digest_interval,
+        &args.vm_id,
+        header.cpuid.clone(),
+        &args.channel,
+        &args.lag,
+    )?;
     let out = HeldOutput::new(sender.clone(), tx);
     let frames = out.clone();
     let decided = decision.clone();
@@ -859,6 +981,9 @@ fn primary(args: &PrimaryArgs) -> anyhow::Result<RunOutcome> {
                 None,
                 Some(Box::new(move |role: Role| d.follow(role))),
             );
+            if let Some(r) = reprotect {
+                m.set_reprotect(r);
+            }
             Ok(())
         },
     );
@@ -894,34 +1019,73 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         ),
         None => None,
     };
-    let arbiter = args.failover.arbiter(&args.vm_id, Role::Backup)?;
+    if args.join && args.guest.snapshot.restore.is_some() {
+        bail!("--join starts from the live side's state: it takes no --restore");
+    }
+    let mut arbiter = args
+        .failover
+        .open_arbiter(&args.vm_id, Role::Backup, args.join)?;
+    let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
+    let trap = vmm::hostcpu::probe_cpuid_trap(&kvm)?;
+    // Our header is computed once, before listening (hashing the image takes seconds in a
+    // debug build on a loaded host, and a primary's handshake times out while the check
+    // runs); the digest interval is the primary's. Only whether CPUID is trapped is
+    // compared; the fingerprint picks the CPU.
+    let base = pair_header(
+        &cfg,
+        0,
+        &args.vm_id,
+        (trap == vmm::hostcpu::CpuidTrap::Native).then(Vec::new),
+    )?;
     let listener =
         logchannel::transport::LogListener::bind(resolve(&args.listen)?, args.channel.config())?
             .with_pair_secret(args.channel.pair_secret()?);
     eprintln!("twinvm: backup listening on {}", listener.local_addr());
-    let kvm = vmm::vstate::open_kvm(&cfg.kvm_path)?;
-    let trap = vmm::hostcpu::probe_cpuid_trap(&kvm)?;
     let chosen = std::cell::RefCell::new(None);
     // Strangers (scans, garbage, wrong secret, silence) are logged and dropped; a
     // primary whose header does not match, or whose host CPU this host cannot match,
     // ends the wait with an error.
     let check = |theirs: &logchannel::LogHeader| {
-        // Only whether CPUID is trapped is compared here; the fingerprint picks the CPU.
-        let ours = pair_header(
-            &cfg,
-            theirs.digest_interval,
-            &args.vm_id,
-            (trap == vmm::hostcpu::CpuidTrap::Native).then(Vec::new),
-        )
-        .map_err(|e| format!("{e:#}"))?;
+        let mut ours = base.clone();
+        ours.digest_interval = theirs.digest_interval;
         ours.check_matches(theirs)?;
         let placement = vmm::hostcpu::for_replay(&kvm, theirs.cpuid.as_deref(), cfg.cpu)
             .map_err(|e| format!("the backup's host: {e}"))?;
         *chosen.borrow_mut() = Some(placement);
         Ok(())
     };
-    let rx = listener.wait_for_primary(check, None)?;
+    let mut rx = listener.wait_for_primary(check, None)?;
     eprintln!("twinvm: backup accepted its primary at {}", rx.peer());
+    if args.join {
+        // The live side sends its machine first: nothing runs until all of it is here and
+        // checked (a peer that vanishes, garbage, a truncated state: an error, nothing lost
+        // on the live side, which goes on alone).
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        // A dead live side is found by the channel's heartbeats; this bounds a live one
+        // that says nothing (it takes the new backup up at its next delivery point).
+        let timeout =
+            std::time::Duration::from_millis(args.channel.peer_timeout_ms.saturating_mul(5))
+                .max(std::time::Duration::from_secs(10));
+        if args.test_vanish_on_join {
+            bail!("test: the joining backup vanishes before the transfer, as asked (--test-vanish-on-join)");
+        }
+        let got = vmm::transfer::receive(&mut rx, timeout, &stop)
+            .with_context(|| format!("joining the live side at {}", rx.peer()))?;
+        if let Some(a) = arbiter.as_mut() {
+            a.join_generation(got.generation).map_err(|e| {
+                anyhow::anyhow!("the live side's generation {}: {e}", got.generation)
+            })?;
+        }
+        eprintln!(
+            "twinvm: joined the live side at position {}: generation {}, {} pre-copied pages and a state of {} bytes received in {:.1} ms",
+            got.snapshot.state.vmm.position,
+            got.generation,
+            got.pages,
+            got.snapshot.stored_bytes(),
+            got.took.as_secs_f64() * 1e3
+        );
+        cfg.restore = Some(Arc::new(got.snapshot));
+    }
     if args.test_ack_without_replay {
         return ack_without_replay(rx);
     }
@@ -931,6 +1095,21 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
         report_placement(&p);
     }
     cfg.digest_interval = rx.header().digest_interval;
+    let reprotect = match &args.reprotect.next_backup {
+        Some(_) => {
+            // The new backup of this side must match the CPU its vCPU runs on.
+            let placed = vmm::hostcpu::for_recording(&kvm, cfg.cpu)?;
+            args.reprotect.config(
+                &cfg,
+                cfg.digest_interval,
+                &args.vm_id,
+                placed.cpuid,
+                &args.channel,
+                &args.lag,
+            )?
+        }
+        None => None,
+    };
     let console: Box<dyn std::io::Write + Send> = match &args.console_log {
         Some(p) => {
             Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
@@ -948,6 +1127,9 @@ fn backup(args: &BackupArgs) -> anyhow::Result<RunOutcome> {
                 m.set_standby_tap(tap)?;
             }
             m.set_failover(arbiter, Some(Box::new(std::io::stdout())), None);
+            if let Some(r) = reprotect {
+                m.set_reprotect(r);
+            }
             Ok(())
         },
     )

@@ -156,6 +156,9 @@ pub struct Recorder {
     /// Times the guest was held back for the backup's replay.
     pub replay_holds: u64,
     rate: Rate,
+    /// A stream that starts at a state transfer: the backup is where the transfer put it
+    /// (this position) before it reports its replay.
+    replay_floor: Position,
 }
 
 /// Where a replay's entries come from.
@@ -209,6 +212,7 @@ impl Recorder {
             replay_throttled: Duration::ZERO,
             replay_holds: 0,
             rate: Rate::new(),
+            replay_floor: Position::ZERO,
         })
     }
 
@@ -223,7 +227,16 @@ impl Recorder {
             replay_throttled: Duration::ZERO,
             replay_holds: 0,
             rate: Rate::new(),
+            replay_floor: Position::ZERO,
         }
+    }
+
+    /// [`Recorder::live`] for a stream that starts at a state transfer taken at `pos`: the
+    /// new backup starts there, so its replay lag counts from there.
+    pub fn live_from(sender: Arc<LogSender>, lag: LagLimit, pos: Position) -> Self {
+        let mut r = Self::live(sender, lag);
+        r.replay_floor = pos;
+        r
     }
 
     /// Appends one entry.
@@ -265,7 +278,7 @@ impl Recorder {
                 lag.replay_positions,
             )
         };
-        let replayed = s.acked().replayed;
+        let replayed = s.acked().replayed.max(self.replay_floor);
         if pos.since(replayed) <= bound {
             return Ok(());
         }
@@ -536,6 +549,12 @@ pub fn describe(e: &Entry) -> String {
         Entry::End { reason, .. } => format!("the end ({reason:?})"),
         Entry::Snapshot { sha256, .. } => {
             format!("a snapshot ({})", crate::snapshot::hex(sha256))
+        }
+        Entry::TransferPages { round, pages, .. } => {
+            format!("{} pages of a state transfer (round {round})", pages.len())
+        }
+        Entry::TransferState { offset, total, .. } => {
+            format!("a piece of a state transfer's state (at {offset} of {total} bytes)")
         }
     }
 }

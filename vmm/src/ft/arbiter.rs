@@ -225,6 +225,49 @@ impl Arbiter for HttpArbiter {
             self.generation, self.vm, self.addr, self.claimant
         )
     }
+
+    fn re_pair(&mut self) -> Result<u64, String> {
+        let r = self
+            .client
+            .re_pair(&self.vm, &self.claimant, self.generation)
+            .map_err(|e| format!("re-pair of {}: {e}", self.describe()))?;
+        self.generation = r.generation;
+        Ok(r.generation)
+    }
+
+    fn join_generation(&mut self, generation: u64) -> Result<(), String> {
+        let entry = self
+            .client
+            .get(&self.vm)
+            .map_err(|e| format!("the arbiter at {}: {e}", self.addr))?;
+        check_generation(&self.vm, generation, entry.as_ref(), None)?;
+        self.generation = generation;
+        Ok(())
+    }
+}
+
+impl HttpArbiter {
+    /// Checks, before a joining backup starts, that the arbiter answers and takes this
+    /// side's token (its generation comes later, from the live side: see
+    /// [`Arbiter::join_generation`]).
+    pub fn connect_joining(s: &ArbiterSettings) -> Result<Self, ArbiterSetupError> {
+        let a = Self::new(s)?;
+        a.client.list().map_err(|source| match source.code() {
+            Some(arbiter::ErrorCode::Unauthorized) => ArbiterSetupError::BadToken {
+                addr: s.addr.clone(),
+                file: match &s.token_file {
+                    Some(p) => format!(" (from {})", p.display()),
+                    None => " (none given: --arbiter-token-file)".to_string(),
+                },
+                source,
+            },
+            _ => ArbiterSetupError::Unreachable {
+                addr: s.addr.clone(),
+                source,
+            },
+        })?;
+        Ok(a)
+    }
 }
 
 /// What an answered test-and-set means (the same for every backend): `won`, or `lost` and

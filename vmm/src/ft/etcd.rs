@@ -65,6 +65,16 @@ impl EtcdArbiter {
     /// Connects, logs in, checks that this side may read and write the VM's key and that
     /// the pair's generation is open (before the guest boots).
     pub fn connect(s: &EtcdSettings) -> Result<Self, EtcdSetupError> {
+        Self::open(s, true)
+    }
+
+    /// [`EtcdArbiter::connect`] for a joining backup, whose generation comes later from the
+    /// live side (see [`Arbiter::join_generation`]).
+    pub fn connect_joining(s: &EtcdSettings) -> Result<Self, EtcdSetupError> {
+        Self::open(s, false)
+    }
+
+    fn open(s: &EtcdSettings, check: bool) -> Result<Self, EtcdSetupError> {
         let err = |source| EtcdSetupError::Etcd {
             url: s.url.clone(),
             source,
@@ -79,8 +89,10 @@ impl EtcdArbiter {
         config.attempts = 2;
         let client = arbiter::BlockingEtcdClient::connect(config).map_err(err)?;
         let entry = client.check(&s.vm).map_err(err)?;
-        check_generation(&s.vm, s.generation, entry.as_ref(), None)
-            .map_err(EtcdSetupError::Generation)?;
+        if check {
+            check_generation(&s.vm, s.generation, entry.as_ref(), None)
+                .map_err(EtcdSetupError::Generation)?;
+        }
         Ok(EtcdArbiter {
             client,
             vm: s.vm.clone(),
@@ -119,5 +131,21 @@ impl Arbiter for EtcdArbiter {
             self.client.client().endpoints(),
             self.claimant
         )
+    }
+
+    fn re_pair(&mut self) -> Result<u64, String> {
+        let r = self
+            .client
+            .re_pair(&self.vm, &self.claimant, self.generation)
+            .map_err(|e| format!("re-pair of {}: {e}", self.describe()))?;
+        self.generation = r.generation;
+        Ok(r.generation)
+    }
+
+    fn join_generation(&mut self, generation: u64) -> Result<(), String> {
+        let entry = self.client.check(&self.vm).map_err(|e| e.to_string())?;
+        check_generation(&self.vm, generation, entry.as_ref(), None)?;
+        self.generation = generation;
+        Ok(())
     }
 }

@@ -33,6 +33,13 @@ pub trait Arbiter: Send {
     fn claim(&mut self) -> Claim;
     /// Who is asking and for what, for messages.
     fn describe(&self) -> String;
+    /// Re-protect: this side, the holder of its generation, opens the next one for itself
+    /// and a new backup, and claims that one from now on. Returns the new generation, or
+    /// why it could not be opened (this side then goes on alone at the old one).
+    fn re_pair(&mut self) -> Result<u64, String>;
+    /// A joining backup learns its pair's generation from the live side's state transfer
+    /// and checks that the arbiter has it open (nobody holds it yet).
+    fn join_generation(&mut self, generation: u64) -> Result<(), String>;
 }
 
 /// How often an unanswered claim is asked again.
@@ -140,6 +147,12 @@ mod tests {
         }
         fn describe(&self) -> String {
             "generation 1 of VM \"t\"".into()
+        }
+        fn re_pair(&mut self) -> Result<u64, String> {
+            Err("scripted".into())
+        }
+        fn join_generation(&mut self, _: u64) -> Result<(), String> {
+            Err("scripted".into())
         }
     }
 

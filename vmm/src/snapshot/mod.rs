@@ -368,6 +368,16 @@ impl<W: Write> Hashing<W> {
     }
 }
 
+/// Which guest pages a snapshot stores.
+#[derive(Debug, Clone, Copy)]
+pub enum Pages<'a> {
+    /// Every page that is not all zero (a snapshot restored into fresh memory).
+    NonZero,
+    /// Exactly these frame numbers, zero or not, in increasing order (the last round of a
+    /// state transfer, laid over the pages sent before it: see [`Snapshot::overlay`]).
+    Only(&'a [u64]),
+}
+
 /// Writes `state` and all of `mem` to `path` (through a temporary file renamed into place,
 /// so that a reader never sees half a snapshot).
 pub fn write(
@@ -379,8 +389,6 @@ pub fn write(
         path: path.to_path_buf(),
         source,
     };
-    let encoded =
-        postcard::to_stdvec(state).map_err(|e| SnapshotError::Corrupt(format!("encoding: {e}")))?;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(io)?;
     let mut w = Hashing {
@@ -388,56 +396,14 @@ pub fn write(
         hash: Sha256::new(),
         bytes: 0,
     };
-    let mut pages_total = 0u64;
-    let mut pages_stored = 0u64;
-    let result = (|| -> Result<(), SnapshotError> {
-        w.put(SNAPSHOT_MAGIC).map_err(io)?;
-        w.put(&SNAPSHOT_VERSION.to_le_bytes()).map_err(io)?;
-        w.put(&(encoded.len() as u64).to_le_bytes()).map_err(io)?;
-        w.put(&encoded).map_err(io)?;
-        // One pass to find the stored pages, one to write them: the bitmap comes first. Guest
-        // memory is one region from address 0 (see `memory`), so a page's index is its
-        // frame number.
-        let mut bitmap = Vec::new();
-        let mut stored = Vec::new();
-        for region in mem.iter() {
-            let len = region.len() as usize;
-            let mut buf = vec![0u8; len.min(16 << 20)];
-            let mut off = 0usize;
-            while off < len {
-                let n = buf.len().min(len - off);
-                region
-                    .read_slice(&mut buf[..n], vm_memory::MemoryRegionAddress(off as u64))
-                    .map_err(|e| SnapshotError::Memory(e.to_string()))?;
-                for page in buf[..n].chunks(PAGE_SIZE) {
-                    let i = pages_total;
-                    if bitmap.len() <= (i / 8) as usize {
-                        bitmap.push(0u8);
-                    }
-                    if page.iter().any(|&b| b != 0) {
-                        bitmap[(i / 8) as usize] |= 1 << (i % 8);
-                        stored.push(i);
-                        pages_stored += 1;
-                    }
-                    pages_total += 1;
-                }
-                off += n;
-            }
+    let result = put_snapshot(&mut w, state, mem, Pages::NonZero, &io);
+    let (pages_total, pages_stored) = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        w.put(&pages_total.to_le_bytes()).map_err(io)?;
-        w.put(&bitmap).map_err(io)?;
-        let mut page = [0u8; PAGE_SIZE];
-        for gfn in stored {
-            mem.read_slice(&mut page, GuestAddress(gfn * PAGE_SIZE as u64))
-                .map_err(|e| SnapshotError::Memory(e.to_string()))?;
-            w.put(&page).map_err(io)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    };
     let sha256: [u8; 32] = w.hash.clone().finalize().into();
     let finish = (|| {
         w.out.write_all(&sha256)?;
@@ -455,6 +421,108 @@ pub fn write(
         pages_total,
         sha256,
     })
+}
+
+/// The snapshot of `state` and `pages` of `mem` in the file format, in memory (what a state
+/// transfer sends over the log channel).
+pub fn encode(
+    state: &SnapshotState,
+    mem: &GuestMemory,
+    pages: Pages<'_>,
+) -> Result<(Vec<u8>, WriteStats), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: PathBuf::from("(in memory)"),
+        source,
+    };
+    let mut w = Hashing {
+        out: Vec::new(),
+        hash: Sha256::new(),
+        bytes: 0,
+    };
+    let (pages_total, pages_stored) = put_snapshot(&mut w, state, mem, pages, &io)?;
+    let sha256: [u8; 32] = w.hash.clone().finalize().into();
+    w.out.extend_from_slice(&sha256);
+    let stats = WriteStats {
+        bytes: w.bytes + 32,
+        pages_stored,
+        pages_total,
+        sha256,
+    };
+    Ok((w.out, stats))
+}
+
+/// Writes everything of a snapshot but its SHA-256 trailer; returns the pages of guest
+/// memory and the pages stored.
+fn put_snapshot<W: Write>(
+    w: &mut Hashing<W>,
+    state: &SnapshotState,
+    mem: &GuestMemory,
+    pages: Pages<'_>,
+    io: &dyn Fn(std::io::Error) -> SnapshotError,
+) -> Result<(u64, u64), SnapshotError> {
+    let encoded =
+        postcard::to_stdvec(state).map_err(|e| SnapshotError::Corrupt(format!("encoding: {e}")))?;
+    let mut pages_total = 0u64;
+    let mut pages_stored = 0u64;
+    w.put(SNAPSHOT_MAGIC).map_err(io)?;
+    w.put(&SNAPSHOT_VERSION.to_le_bytes()).map_err(io)?;
+    w.put(&(encoded.len() as u64).to_le_bytes()).map_err(io)?;
+    w.put(&encoded).map_err(io)?;
+    // One pass to find the stored pages, one to write them: the bitmap comes first. Guest
+    // memory is one region from address 0 (see `memory`), so a page's index is its
+    // frame number.
+    let mut bitmap = Vec::new();
+    let mut stored = Vec::new();
+    let mut only = match pages {
+        Pages::Only(gfns) => Some(gfns.iter().copied().peekable()),
+        Pages::NonZero => None,
+    };
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let mut buf = vec![0u8; len.min(16 << 20)];
+        let mut off = 0usize;
+        while off < len {
+            let n = buf.len().min(len - off);
+            if only.is_none() {
+                region
+                    .read_slice(&mut buf[..n], vm_memory::MemoryRegionAddress(off as u64))
+                    .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+            }
+            for page in buf[..n].chunks(PAGE_SIZE) {
+                let i = pages_total;
+                if bitmap.len() <= (i / 8) as usize {
+                    bitmap.push(0u8);
+                }
+                let keep = match &mut only {
+                    Some(gfns) => gfns.next_if_eq(&i).is_some(),
+                    None => page.iter().any(|&b| b != 0),
+                };
+                if keep {
+                    bitmap[(i / 8) as usize] |= 1 << (i % 8);
+                    stored.push(i);
+                    pages_stored += 1;
+                }
+                pages_total += 1;
+            }
+            off += n;
+        }
+    }
+    if let Some(mut rest) = only {
+        if let Some(gfn) = rest.next() {
+            return Err(SnapshotError::Memory(format!(
+                "page {gfn:#x} is not in guest memory, or the pages are not in order"
+            )));
+        }
+    }
+    w.put(&pages_total.to_le_bytes()).map_err(io)?;
+    w.put(&bitmap).map_err(io)?;
+    let mut page = [0u8; PAGE_SIZE];
+    for gfn in stored {
+        mem.read_slice(&mut page, GuestAddress(gfn * PAGE_SIZE as u64))
+            .map_err(|e| SnapshotError::Memory(e.to_string()))?;
+        w.put(&page).map_err(io)?;
+    }
+    Ok((pages_total, pages_stored))
 }
 
 /// Reads the SHA-256 trailer of a snapshot file without checking it (cheap: a log header
@@ -496,6 +564,40 @@ impl Snapshot {
         let mut snap = Self::parse(path, &bytes)?;
         snap.read_time = t0.elapsed();
         Ok(snap)
+    }
+
+    /// Checks and reads a snapshot received as bytes (a state transfer); `label` names it
+    /// in errors.
+    pub fn from_bytes(label: &Path, bytes: &[u8]) -> Result<Self, SnapshotError> {
+        Self::parse(label, bytes)
+    }
+
+    /// Lays the snapshot's stored pages over `base` (pages sent before it, by frame
+    /// number): the snapshot's own pages win, a page in neither stays zero. A state
+    /// transfer's last round stores exactly the pages dirtied since the earlier rounds.
+    pub fn overlay(&mut self, base: &std::collections::BTreeMap<u64, Vec<u8>>) {
+        if base.is_empty() {
+            return;
+        }
+        let mut bitmap = vec![0u8; self.pages.div_ceil(8) as usize];
+        let mut data = Vec::with_capacity(self.data.len() + base.len() * PAGE_SIZE);
+        let mut own = self.data.chunks(PAGE_SIZE);
+        for gfn in 0..self.pages {
+            let (byte, bit) = ((gfn / 8) as usize, 1u8 << (gfn % 8));
+            let page = if self.bitmap[byte] & bit != 0 {
+                own.next()
+            } else {
+                base.get(&gfn)
+                    .map(Vec::as_slice)
+                    .filter(|p| p.len() == PAGE_SIZE)
+            };
+            if let Some(p) = page {
+                bitmap[byte] |= bit;
+                data.extend_from_slice(p);
+            }
+        }
+        self.bitmap = bitmap;
+        self.data = data;
     }
 
     fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SnapshotError> {
@@ -620,4 +722,4 @@ impl Snapshot {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -3,7 +3,7 @@
 use super::*;
 use crate::devices::serial::SerialConsole;
 
-fn state(mem_mib: u64) -> SnapshotState {
+pub(crate) fn state(mem_mib: u64) -> SnapshotState {
     SnapshotState {
         image: ImageId {
             kernel_sha256: [1; 32],
@@ -65,7 +65,7 @@ fn state(mem_mib: u64) -> SnapshotState {
     }
 }
 
-fn memory(mib: u64) -> GuestMemory {
+pub(crate) fn memory(mib: u64) -> GuestMemory {
     let mem = crate::memory::create_guest_memory(mib).unwrap();
     mem.write_slice(b"hello", GuestAddress(0x1000)).unwrap();
     mem.write_slice(b"world", GuestAddress((mib << 20) - 5))
