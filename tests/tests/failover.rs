@@ -450,47 +450,37 @@ fn a_guest_that_set_its_rtc_reads_it_on_after_failover() {
     pair.backup.wait_exit(Duration::from_secs(60));
 }
 
-/// The arbiter's entry for the VM, read from inside `from`'s namespace.
-fn arbiter_entry(from: &Host, arbiter: &ArbiterProcess) -> serde_json::Value {
+/// A request to the arbiter's HTTP API from inside `from`'s namespace (curl, with the
+/// token; `body` as JSON if given): the JSON answer.
+fn arbiter_request(
+    from: &Host,
+    arbiter: &ArbiterProcess,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
     let token = std::fs::read_to_string(&arbiter.token).unwrap();
-    let out = Topology::exec(
-        from,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-H",
-            &format!("Authorization: Bearer {}", token.trim()),
-            &format!("http://{}/v1/vms/twinvm", arbiter.addr),
-        ],
-    );
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let url = format!("http://{}/v1/vms/twinvm{path}", arbiter.addr);
+    let body = body.map(|b| b.to_string());
+    let mut args = vec!["curl", "-sS", "--max-time", "10", "-H", &auth];
+    if let Some(b) = &body {
+        args.extend(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    args.push(&url);
+    let out = Topology::exec(from, &args);
     assert!(out.status.success(), "curl: {out:?}");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
 }
 
+/// The arbiter's entry for the VM, read from inside `from`'s namespace.
+fn arbiter_entry(from: &Host, arbiter: &ArbiterProcess) -> serde_json::Value {
+    arbiter_request(from, arbiter, "", None)
+}
+
 /// A test-and-set asked of the arbiter from inside `from`'s namespace: its outcome.
 fn arbiter_claim(from: &Host, arbiter: &ArbiterProcess, claimant: &str, generation: u64) -> String {
-    let token = std::fs::read_to_string(&arbiter.token).unwrap();
-    let out = Topology::exec(
-        from,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-H",
-            &format!("Authorization: Bearer {}", token.trim()),
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &format!("{{\"claimant\":\"{claimant}\",\"generation\":{generation}}}"),
-            &format!("http://{}/v1/vms/twinvm/test-and-set", arbiter.addr),
-        ],
-    );
-    assert!(out.status.success(), "curl: {out:?}");
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let body = serde_json::json!({ "claimant": claimant, "generation": generation });
+    let v = arbiter_request(from, arbiter, "/test-and-set", Some(body));
     v["outcome"].as_str().unwrap_or_default().to_string()
 }
 
