@@ -122,6 +122,7 @@ pub fn spawn_connector(
     std::thread::Builder::new()
         .name("reprotect-connect".into())
         .spawn(move || {
+            crate::hostcpu::unpin_current_thread();
             let mut said = None::<String>;
             while !cancel.load(Ordering::Acquire) {
                 match LogSender::connect_with_secret(
@@ -193,6 +194,7 @@ impl OutputRule {
         std::thread::Builder::new()
             .name("peer-watch".into())
             .spawn(move || {
+                crate::hostcpu::unpin_current_thread();
                 while !done.load(Ordering::Acquire) {
                     if watched.wait_failure(Duration::from_millis(250)).is_some() {
                         lost();
@@ -374,6 +376,7 @@ impl Round {
         let thread = std::thread::Builder::new()
             .name("reprotect-round".into())
             .spawn(move || {
+                crate::hostcpu::unpin_current_thread();
                 let r = send_pages(&sender, &mem, pos, round, gfns.into_iter(), round == 0, &c);
                 // A halted guest's loop waits for this (see `HostEvent::TransferRound`).
                 done();
