@@ -60,9 +60,11 @@ impl From<Position> for u64 {
     }
 }
 
+/// The plain count, as every message says "at position N" (the VMM's messages printed the
+/// count before positions were typed, and tests and operators read them).
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "@{}", self.0)
+        write!(f, "{}", self.0)
     }
 }
 
@@ -664,7 +666,7 @@ mod tests {
             "digest interval 0: none but the final one"
         );
         assert_eq!(p.next(), Position(2001));
-        assert_eq!(p.to_string(), "@2000");
+        assert_eq!(p.to_string(), "2000");
     }
 
     fn digest(pos: u64, rip: u64, pages: Vec<(u64, u64)>) -> Digest {
@@ -715,7 +717,7 @@ mod tests {
             vec![2, 3]
         );
         let text = d.to_string();
-        assert!(text.contains("position @10"), "{text}");
+        assert!(text.contains("position 10"), "{text}");
         assert!(text.contains("register rip"), "{text}");
         assert!(text.contains("0x0000000000002000"), "{text}");
         assert!(text.contains("page gfn 0x3"), "{text}");
