@@ -970,6 +970,7 @@ impl Machine {
         halted: bool,
     ) -> Result<crate::snapshot::SnapshotState, MachineError> {
         use crate::snapshot::{DeviceState, SnapshotState, VcpuState, VmmState};
+        let (stepping, step_budget, stepping_pushf) = self.stepper.state();
         self.flush_console();
         if let Some(nic) = &mut self.nic {
             nic.flush_tx();
@@ -1003,9 +1004,9 @@ impl Machine {
                 },
                 console_hash: self.console_hash,
                 console_bytes: self.console_bytes,
-                stepping: self.stepper.state().0,
-                step_budget: self.stepper.state().1,
-                stepping_pushf: self.stepper.state().2,
+                stepping,
+                step_budget,
+                stepping_pushf,
                 pending_input: self.pending_input.iter().copied().collect(),
                 dirty_since_digest: self.dirty.since_digest(&self.mem),
                 log: self.mode.log_point(),
